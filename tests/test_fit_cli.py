@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from g2gserve.checkpoint import load_model
+from training.fit import main
+
+from conftest import TINY_FLAGS
+
+
+def _fit(data_dir, out, *extra, dataset="fashion-mnist"):
+    return main(["--dataset", dataset, "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
+                 *TINY_FLAGS, *extra])
+
+
+def test_end_to_end_on_tiny_idx_data(idx_dir, tmp_path, capsys):
+    assert _fit(idx_dir, tmp_path / "run", "--epochs", "3", "--lr", "3e-3") == 0
+    out = capsys.readouterr().out
+    assert "active parameters" in out and "MACs per image" in out and "hidden.0" in out
+    model, ckpt = load_model(tmp_path / "run" / "model.pt")
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in log] == [1, 2, 3] and log == ckpt.history
+    assert {"train_loss", "test_acc", "train_time_s"} <= set(log[0])
+    assert log[-1]["test_acc"] > 0.5  # the tiny classes are learnable: training really happened
+    assert ckpt.classes[9] == "Ankle boot" and ckpt.config.kind == "g2g"
+    for layer in model.hidden:
+        assert torch.count_nonzero(layer.weight[~layer.mask]) == 0
+
+
+def test_cifar_npz_layout_with_block_masks(npz_dir, tmp_path):
+    assert _fit(npz_dir, tmp_path / "c", "--epochs", "1", "--granularity", "block", dataset="cifar10") == 0
+    _, ckpt = load_model(tmp_path / "c" / "model.pt")
+    assert ckpt.preprocess.input_shape == (3, 32, 32) and ckpt.classes[0] == "class0"
+
+
+def test_resume_gives_the_same_weights(idx_dir, tmp_path, capsys):
+    torch.set_num_threads(1)
+    assert _fit(idx_dir, tmp_path / "a", "--epochs", "3", "--seed", "5") == 0
+    assert _fit(idx_dir, tmp_path / "b", "--epochs", "3", "--seed", "5", "--stop-after", "1") == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 1
+    assert main(["--out", str(tmp_path / "b"), "--resume", "--data-dir", str(idx_dir), "--no-progress"]) == 0
+    a, _ = load_model(tmp_path / "a" / "model.pt")
+    b, ckpt_b = load_model(tmp_path / "b" / "model.pt")
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    assert len(ckpt_b.history) == 3
+
+
+def test_resume_rejects_conflicting_flags_and_missing_state(idx_dir, tmp_path, capsys):
+    assert _fit(idx_dir, tmp_path / "r", "--epochs", "2", "--stop-after", "1") == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"])
+    assert e.value.code == 2 and "--lr 0.5 (saved run: 0.001)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "empty"), "--resume"])
+    assert "state.pt: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _fit(idx_dir, tmp_path / "r", "--epochs", "2")
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--groups", "3"], "3 groups do not divide"),
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "0.9"], "impossible with 4 groups"),
+    (["--model", "mlp"], "invalid choice: 'mlp'"),
+    (["--hidden", "64,x"], "comma-separated integers"),
+    (["--epochs", "0"], "must be positive"),
+    (["--granularity", "block", "--block-size", "5"], "block size 5 does not divide"),
+])
+def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--data-dir", str(tmp_path / "never-read"), "--out", str(tmp_path / "o"), *TINY_FLAGS, *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert _fit(tmp_path / "nowhere", tmp_path / "o", "--epochs", "1") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cuda_without_gpu_is_refused(idx_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda", "--data-dir", str(idx_dir), "--out", str(tmp_path / "o"), *TINY_FLAGS])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--resume" in out and "mixer" in out and "Debian" in out and "(default: 256)" in out

@@ -1,0 +1,1 @@
+"""Training command-line layer on top of g2gserve."""
