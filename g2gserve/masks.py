@@ -108,18 +108,14 @@ def layer_mask(
             forced = torch.zeros_like(forced)
         return _fill(forced, round(density * n_out * n_in), False, generator)
     # Block: work in group-sorted coordinates so a tile never mixes groups, then map back.
-    order_out = torch.argsort(out_groups, stable=True)
-    order_in = torch.argsort(in_groups, stable=True)
+    order_out, order_in = tile_order(out_groups), tile_order(in_groups)
     tile_out = out_groups[order_out][::block_size]
     tile_in = in_groups[order_in][::block_size]
     forced = tile_out[:, None] == tile_in[None, :]
     if not structured:
         forced = torch.zeros_like(forced)
     tiles = _fill(forced, round(density * forced.numel()), True, generator)
-    dense_sorted = tiles.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    mask = torch.empty(n_out, n_in, dtype=torch.bool)
-    mask[order_out[:, None], order_in[None, :]] = dense_sorted
-    return mask
+    return from_tile_mask(tiles, order_out, order_in, block_size)
 
 
 def network_masks(
@@ -143,3 +139,24 @@ def network_masks(
         for k in range(len(widths) - 1)
     ]
     return masks, unit_groups
+
+
+def tile_order(groups: torch.Tensor) -> torch.Tensor:
+    """Group-sorted order of a unit set: consecutive ``block_size`` units of it form one tile."""
+    return torch.argsort(groups, stable=True)
+
+
+def to_tiles(x: torch.Tensor, order_out: torch.Tensor, order_in: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View an [out, in] tensor as [out/b, in/b, b, b] tiles of group-sorted units (a copy)."""
+    s = x[order_out][:, order_in]
+    n_out, n_in = s.shape
+    b = block_size
+    return s.view(n_out // b, b, n_in // b, b).transpose(1, 2)
+
+
+def from_tile_mask(tiles: torch.Tensor, order_out: torch.Tensor, order_in: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Inverse of ``to_tiles`` for a tile-level bool mask [out/b, in/b]: the unit-level mask [out, in]."""
+    dense_sorted = tiles.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    mask = torch.empty_like(dense_sorted)
+    mask[order_out[:, None], order_in[None, :]] = dense_sorted
+    return mask

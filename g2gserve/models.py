@@ -34,15 +34,21 @@ class G2GNet(nn.Module):
         return [m for m in self.hidden if m.mask is not None]
 
 
+def _network_masks(cfg: ModelConfig):
+    return network_masks([cfg.encoder_features, *cfg.hidden], cfg.groups, cfg.grouping, cfg.sparsity,
+                         cfg.granularity, cfg.block_size, cfg.mask_seed, structured=(cfg.kind == "g2g"))
+
+
 def hidden_masks(cfg: ModelConfig) -> list[torch.Tensor | None]:
     """The initial masks of ``cfg``'s hidden layers (None for dense layers)."""
     if not cfg.is_sparse:
         return [None] * len(cfg.hidden)
-    masks, _ = network_masks(
-        [cfg.encoder_features, *cfg.hidden], cfg.groups, cfg.grouping, cfg.sparsity,
-        cfg.granularity, cfg.block_size, cfg.mask_seed, structured=(cfg.kind == "g2g"),
-    )
-    return masks
+    return _network_masks(cfg)[0]
+
+
+def unit_groups(cfg: ModelConfig) -> list[torch.Tensor]:
+    """Group id of every unit of every unit set (encoder output first), as the masks were drawn."""
+    return _network_masks(cfg)[1]
 
 
 def _conv_params(cfg: ModelConfig) -> int:

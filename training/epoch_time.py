@@ -20,6 +20,7 @@ from g2gserve.models import build_model
 from g2gserve.preprocess import Preprocess
 
 from .fit import DATASET_SHAPES
+from .dst import PRESETS, DSTConfig, MaskScheduler
 from .loop import cosine_lambda, epoch_generator, resolve_device, train_epoch
 
 
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     p.add_argument("--data-dir", default=None, help="as for training.fit")
-    p.add_argument("--models", default="dense,g2g", help="comma-separated model kinds to compare (first is the reference)")
+    p.add_argument("--models", default="dense,g2g,g2g+hebbian",
+                   help="comma-separated KIND[+DST] to compare, first is the reference; DST is set, rigl or hebbian")
+    p.add_argument("--dst-interval", type=int, default=200, help="optimizer steps between mask updates")
     p.add_argument("--granularity", choices=("edge", "block"), default="edge")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per model (after one warm-up epoch each)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -42,26 +45,35 @@ def main(argv: list[str] | None = None) -> int:
     c, size, classes = DATASET_SHAPES[args.dataset]
     base = ModelConfig(in_channels=c, image_size=size, num_classes=classes, granularity=args.granularity)
     runs = {}
-    for kind in args.models.split(","):
+    steps = -(-len(train) // args.batch_size) * (args.repeats + 1)
+    for name in args.models.split(","):
+        kind, _, rule = name.partition("+")
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(base, kind=kind)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(10**9))
-        runs[kind] = (model, opt, sched, [])
+        if rule:  # the scheduler hooks opt.step(); end=1.0 keeps it updating through every timed epoch
+            prune, regrow = PRESETS[rule]
+            MaskScheduler(model, opt, DSTConfig(prune=prune, regrow=regrow, interval=args.dst_interval, end=1.0), steps)
+        runs[name] = (model, opt, sched, [])
     for rep in range(args.repeats + 1):  # rep 0 is warm-up
         for kind, (model, opt, sched, times) in runs.items():
             stats = train_epoch(model, train, pre, opt, sched, args.batch_size, epoch_generator(0, rep),
                                 needs_augmentation(args.dataset), device, desc=f"{kind} epoch {rep}")
             if rep:
                 times.append(stats["train_time_s"])
-            print(f"{kind:<12} {'warm-up' if rep == 0 else f'epoch {rep}'}  {stats['train_time_s']:.2f}s", flush=True)
+            print(f"{kind:<14} {'warm-up' if rep == 0 else f'epoch {rep}'}  {stats['train_time_s']:.2f}s", flush=True)
     ref_kind = next(iter(runs))
     ref = runs[ref_kind][3]
-    print(f"\n{args.dataset}, {args.threads} thread(s), device {device}, batch {args.batch_size}, {args.granularity} masks")
-    print(f"{'model':<12} {'median s':>9} {'min s':>7} {'ratio vs ' + ref_kind:>16}")
+    print(f"\n{args.dataset}, {args.threads} thread(s), device {device}, batch {args.batch_size}, "
+          f"{args.granularity} masks, DST interval {args.dst_interval}")
+    print(f"{'model':<14} {'median s':>9} {'min s':>7} {'ratio vs ' + ref_kind:>18} {'ratio vs row above':>19}")
+    prev = ref
     for kind, (_, _, _, times) in runs.items():
         ratio = statistics.median(t / r for t, r in zip(times, ref))
-        print(f"{kind:<12} {statistics.median(times):>9.2f} {min(times):>7.2f} {ratio:>15.3f}x")
+        step = statistics.median(t / r for t, r in zip(times, prev))
+        print(f"{kind:<14} {statistics.median(times):>9.2f} {min(times):>7.2f} {ratio:>17.3f}x {step:>18.3f}x")
+        prev = times
     return 0
 
 

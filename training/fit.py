@@ -22,13 +22,16 @@ from g2gserve.masks import GRANULARITIES, GROUPINGS
 from g2gserve.models import build_model
 from g2gserve.preprocess import Preprocess
 
+from .dst import PRESETS, PRUNE, REGROW, SCHEDULES, DSTConfig, MaskScheduler
+from .plots import plot_training
 from .loop import cosine_lambda, epoch_generator, evaluate, resolve_device, train_epoch
 
 DATASET_SHAPES = {"fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}
 STATE_VERSION = 1
 # Flags that define the run: on --resume they must agree with the saved run.
 RUN_FLAGS = ("dataset", "model", "grouping", "groups", "sparsity", "granularity", "block_size", "hidden",
-             "epochs", "batch_size", "lr", "weight_decay", "seed")
+             "epochs", "batch_size", "lr", "weight_decay", "seed", "dst", "prune", "regrow", "dst_interval",
+             "dst_fraction", "dst_end", "dst_schedule")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -75,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edge: each connection drawn alone; block: per tile (what the fast runtime serves)")
     m.add_argument("--block-size", type=_positive(int), default=32, help="tile size b for --granularity block")
     m.add_argument("--hidden", type=_widths, default=(1024, 1024, 1024), help="hidden layer widths, comma-separated")
+    s = p.add_argument_group("dynamic sparse training (sparse models only)")
+    s.add_argument("--dst", choices=("auto", "none", *PRESETS), default="auto",
+                   help="rewiring rule: set = magnitude prune + random regrow, rigl = + gradient regrow, "
+                        "hebbian = + regrow where pre/post activity correlates; auto = hebbian for g2g, none otherwise")
+    s.add_argument("--prune", choices=PRUNE, default=None, help="override the preset's prune criterion")
+    s.add_argument("--regrow", choices=REGROW, default=None, help="override the preset's regrow criterion")
+    s.add_argument("--dst-interval", type=_positive(int), default=200, help="optimizer steps between mask updates")
+    s.add_argument("--dst-fraction", type=float, default=0.3, help="fraction of live edges moved per update, at first")
+    s.add_argument("--dst-end", type=float, default=0.75, help="fraction of training after which the masks freeze")
+    s.add_argument("--dst-schedule", choices=SCHEDULES, default="cosine",
+                   help="cosine: fraction decays to 0 at --dst-end; constant: the same fraction every update")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive(int), default=10, help="training epochs (the cosine schedule spans them)")
     t.add_argument("--batch-size", type=_positive(int), default=256, help="training batch size")
@@ -98,6 +112,20 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        hidden=tuple(args.hidden), groups=args.groups, grouping=args.grouping,
                        sparsity=args.sparsity, granularity=args.granularity, block_size=args.block_size,
                        mask_seed=args.seed)
+
+
+def dst_config(args: argparse.Namespace) -> DSTConfig | None:
+    """The rewiring rule the flags ask for, or None for static masks."""
+    preset = args.dst
+    if preset == "auto":
+        preset = "hebbian" if args.model == "g2g" else "none"
+    if preset == "none" and args.prune is None and args.regrow is None:
+        return None
+    if args.model not in ("g2g", "er"):
+        raise ValueError(f"--dst {args.dst} needs a sparse model (g2g or er), not {args.model}")
+    prune, regrow = PRESETS.get(preset, PRESETS["hebbian"])
+    return DSTConfig(prune=args.prune or prune, regrow=args.regrow or regrow, interval=args.dst_interval,
+                     fraction=args.dst_fraction, end=args.dst_end, schedule=args.dst_schedule)
 
 
 def _run_flags(args: argparse.Namespace) -> dict:
@@ -159,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = model_config(args)
+        dst = dst_config(args)
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
@@ -185,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(train) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(args.epochs * steps_per_epoch))
+    masks = MaskScheduler(model, optimizer, dst, args.epochs * steps_per_epoch, args.seed) if dst else None
     history: list[dict] = []
     if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if masks is not None:
+                masks.load_state_dict(state["dst"])
             history = list(state["history"])
         except (KeyError, RuntimeError, ValueError) as e:
             print(f"error: {state_path}: damaged training state ({e})", file=sys.stderr)
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming {out} after epoch {len(history)} of {args.epochs}")
 
     summary = model_summary(model)
-    meta = {"dataset": args.dataset, "args": _run_flags(args)}
+    meta = {"dataset": args.dataset, "args": _run_flags(args), "dst": dst.to_dict() if dst else None}
     print(f"{cfg.kind} on {args.dataset}: {summary['active_params']:,} active of {summary['params']:,} parameters, "
           f"{len(train):,} train / {len(test):,} test images, device {device}, threads {torch.get_num_threads()}")
     ran = 0
@@ -211,18 +243,28 @@ def main(argv: list[str] | None = None) -> int:
                             desc=f"epoch {epoch}/{args.epochs}", progress=not args.no_progress)
         stats |= evaluate(model, test, preprocess, device)
         history.append({"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0], "time": time.time()})
+        if masks is not None:
+            meta["dst_records"] = masks.records
         ran += 1
         print(f"epoch {epoch:>3}/{args.epochs}  loss {stats['train_loss']:.4f}  train {stats['train_acc']:.2%}  "
               f"test {stats['test_acc']:.2%}  {stats['train_time_s']:.1f}s")
         save_checkpoint(model_path, from_model(model, train.classes, preprocess, history, args.seed, meta))
         state_dict = {"version": STATE_VERSION, "args": _run_flags(args), "history": history,
                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict()}
+                      "scheduler": scheduler.state_dict(), "dst": masks.state_dict() if masks else None}
         atomic_write(state_path, lambda tmp: torch.save(state_dict, tmp))
         atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+        if masks is not None:
+            atomic_write_text(out / "dst.jsonl", "".join(json.dumps(r) + "\n" for r in masks.records))
     print()
-    print(summary_table(summary, history))
-    print(f"\nwrote {model_path} and {log_path}")
+    print(summary_table(model_summary(model), history))
+    if masks is not None and masks.records:
+        last = {r["layer"]: r for r in masks.records}
+        print("\nrewiring (" + f"{dst.prune} prune, {dst.regrow} regrow): "
+              + ", ".join(f"hidden.{k} intra-group {r['intra_fraction']:.1%} turnover {r['turnover']:.1%}"
+                          for k, r in last.items()))
+    plot_training(history, masks.records if masks else [], out / "training.png")
+    print(f"\nwrote {model_path}, {log_path} and {out / 'training.png'}")
     return 0
 
 
