@@ -22,11 +22,14 @@ class PatchEncoder(nn.Module):
 
 
 class SparseLinear(nn.Module):
-    """A linear layer whose weight is multiplied by a fixed 0/1 mask (``mask=None``: dense).
+    """A linear layer with a 0/1 connectivity mask (``mask=None``: dense).
 
-    Masked weights are zero at init and receive zero gradient (the forward uses ``weight * mask``),
-    so Adam/SGD with weight decay keep them exactly zero. Init is He-uniform scaled by each output
-    unit's *active* fan-in, so a sparse unit starts with the same activation scale as a dense one.
+    Invariant: masked weights are exactly zero. They are zeroed at init and on every load, and their
+    gradient is zeroed in place as soon as it is accumulated, so Adam/SGD (with weight decay, whose
+    term is proportional to the zero weight) never move them. That is why the forward is a plain
+    ``F.linear``: masking the weight every step would cost ~10% of a training step; masking the
+    gradient costs one in-place multiply. Init is He-uniform scaled by each output unit's *active*
+    fan-in, so a sparse unit starts with the same activation scale as a dense one.
     """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor | None = None):
@@ -37,7 +40,13 @@ class SparseLinear(nn.Module):
         if mask is not None and tuple(mask.shape) != (out_features, in_features):
             raise ValueError(f"mask shape {tuple(mask.shape)} != ({out_features}, {in_features})")
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool))
+        if mask is not None:
+            self.weight.register_post_accumulate_grad_hook(self._mask_grad)
+            self.register_load_state_dict_post_hook(lambda module, keys: module.apply_mask_())
         self.reset_parameters()
+
+    def _mask_grad(self, weight: torch.Tensor) -> None:
+        weight.grad.mul_(self.mask)
 
     def fan_in(self) -> torch.Tensor:
         if self.mask is None:
@@ -60,7 +69,7 @@ class SparseLinear(nn.Module):
         return self.weight if self.mask is None else self.weight * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight(), self.bias)
+        return F.linear(x, self.weight, self.bias)  # masked weights are zero (see class docstring)
 
     def extra_repr(self) -> str:
         density = 1.0 if self.mask is None else float(self.mask.float().mean())

@@ -85,3 +85,11 @@ def test_impossible_configs_have_one_line_reasons(kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
         tiny_config(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_loading_weights_reapplies_the_mask():
+    model = build_model(tiny_config())
+    state = {k: (torch.ones_like(v) if k.endswith("weight") else v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    for layer in model.hidden:
+        assert torch.count_nonzero(layer.weight[~layer.mask]) == 0

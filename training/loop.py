@@ -42,7 +42,7 @@ def train_epoch(model, data: ImageSet, preprocess: Preprocess, optimizer, schedu
     start = time.perf_counter()
     steps = math.ceil(len(data) / batch_size)
     bar = tqdm(batches(data, batch_size, generator, augment), total=steps, desc=desc, leave=False,
-               disable=not progress, unit="batch")
+               disable=None if progress else True, unit="batch")  # None: off when not a terminal
     for x, y in bar:
         x, y = preprocess(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         logits = model(x)
