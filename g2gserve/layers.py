@@ -46,7 +46,14 @@ class SparseLinear(nn.Module):
         self.reset_parameters()
 
     def _mask_grad(self, weight: torch.Tensor) -> None:
-        weight.grad.mul_(self.mask)
+        weight.grad.mul_(self._float_mask())
+
+    def _float_mask(self) -> torch.Tensor:
+        """The mask as floats (multiplying by a bool tensor is ~10x slower), rebuilt when it changes."""
+        key = (id(self.mask), self.mask._version, self.weight.dtype)
+        if getattr(self, "_mask_key", None) != key:
+            self._mask_f, self._mask_key = self.mask.to(self.weight.dtype), key
+        return self._mask_f
 
     def fan_in(self) -> torch.Tensor:
         if self.mask is None:

@@ -62,9 +62,10 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     out = args.cells_dir / cell.dataset / cell.config / f"seed{cell.seed}"
     cmd = [sys.executable, "-m", "training.fit", "--dataset", cell.dataset, "--epochs", str(args.epochs),
            "--seed", str(cell.seed), "--out", str(out), "--threads", str(args.threads), "--device", args.device,
-           "--no-progress", *_flags(cell.config)]
-    if cell.dataset != "fashion-mnist" and args.cifar_dir:
-        cmd += ["--data-dir", str(args.cifar_dir)]
+           "--no-progress", *_flags(cell.config), *args.fit_args.split()]
+    data_dir = args.fmnist_dir if cell.dataset == "fashion-mnist" else args.cifar_dir
+    if data_dir:
+        cmd += ["--data-dir", str(data_dir)]
     if (out / "state.pt").exists():
         cmd += ["--resume"]
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--cifar-dir", type=Path, default=None,
                    help="directory holding cifar10/ and cifar100/ train.npz+test.npz (../shared/data/cifar.py unpack DIR)")
+    p.add_argument("--fmnist-dir", type=Path, default=None,
+                   help="Fashion-MNIST idx directory (default: the Debian package, else torchvision's download)")
+    p.add_argument("--fit-args", default="", help="extra flags for every training.fit run (e.g. a smaller --hidden)")
     p.add_argument("--cells-dir", type=Path, default=Path("runs/reproduce"), help="where cells train (large files)")
     p.add_argument("--results-dir", type=Path, default=Path("docs/results/cells"), help="small per-cell result JSON")
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown dataset/config: {', '.join(unknown)}")
     seeds = {k: int(v) for k, v in (kv.split("=") for kv in args.seeds.split(","))}
-    cells = [Cell(c, d, s) for d in datasets for c in args.configs.split(",") for s in range(seeds.get(d, 1))]
+    # Seed-major order: a partial run has every config once before it has any config twice.
+    cells = [Cell(c, d, s) for d in datasets for s in range(seeds.get(d, 1)) for c in args.configs.split(",")]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     todo = [c for c in cells if c.key not in load_results(args.results_dir)]
     if not args.table_only and todo:
