@@ -20,7 +20,10 @@ Granularities:
 Groupings assign units to groups per unit set ``k`` (k = 0 is the encoder output):
 
 * ``index``: contiguous (unit u is in group u // (n/G)).
-* ``random``: a seeded random balanced assignment per unit set.
+* ``random``: a seeded random balanced assignment per hidden unit set.
+
+Unit set 0, the encoder's patch-major features, is grouped by patch (contiguous) for every grouping:
+any other order could not be folded into the conv, and a served graph would need a per-feature gather.
 * ``mixer``: contiguous for even k, interleaved (u % G) for odd k, so consecutive layers shuffle
   ensembles like a channel shuffle.
 """
@@ -47,8 +50,8 @@ def group_assignment(n: int, groups: int, grouping: str, unit_set: int, generato
         raise ValueError(f"{groups} groups do not divide a layer of {n} units")
     size = n // groups
     contiguous = torch.arange(n) // size
-    if grouping == "index" or (grouping == "mixer" and unit_set % 2 == 0):
-        return contiguous
+    if unit_set == 0 or grouping == "index" or (grouping == "mixer" and unit_set % 2 == 0):
+        return contiguous  # unit set 0 (the encoder's patch features) is always grouped by patch
     if grouping == "mixer":
         return torch.arange(n) % groups
     perm = torch.randperm(n, generator=generator)

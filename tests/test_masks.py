@@ -47,7 +47,8 @@ def test_groupings():
     assert torch.equal(group_assignment(8, 4, "index", 1, gen), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert torch.equal(group_assignment(8, 4, "mixer", 0, gen), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert torch.equal(group_assignment(8, 4, "mixer", 1, gen), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
-    rnd = group_assignment(64, 4, "random", 0, gen)
+    assert torch.equal(group_assignment(8, 4, "random", 0, gen), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    rnd = group_assignment(64, 4, "random", 1, gen)
     assert torch.equal(torch.bincount(rnd), torch.full((4,), 16))
     assert not torch.equal(rnd, torch.arange(64) // 16)
 

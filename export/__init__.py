@@ -1,0 +1,1 @@
+"""``g2g-export``: the command-line layer over ``g2gserve.export``."""

@@ -1,0 +1,108 @@
+"""``load(MODEL)``: an inference model from an export directory or a ``model.pt``.
+
+    model = load("runs/fmnist/export", backend="onnxruntime")
+    probs = model.predict(images_uint8)        # (N, C, H, W) uint8 -> (N, classes) probabilities
+
+The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
+the onnxruntime backend runs ``model.onnx``. ``variant="dense"`` loads the dense twin of the same
+function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_model
+from .export import ExportError, build_artifacts, ort_session, read_export
+from .formats import densify
+from .preprocess import Preprocess
+from .runtime_torch import PackedModule
+
+BACKENDS = ("torch", "onnxruntime")
+VARIANTS = ("sparse", "dense")
+
+
+class InferenceModel:
+    """A loaded model: ``predict`` takes uint8 images, applies the training preprocessing, returns probabilities."""
+
+    def __init__(self, run, preprocess: Preprocess, classes: list[str], manifest: dict, backend: str,
+                 device: torch.device, variant: str):
+        self._run = run
+        self.preprocess, self.classes, self.manifest = preprocess, classes, manifest
+        self.backend, self.device, self.variant = backend, device, variant
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", "g2gnet")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for already-normalised float input (N, C, H, W)."""
+        return self._run(x)
+
+    def predict(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(N, C, H, W) uint8 images -> (N, classes) float probabilities on the CPU."""
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8:
+            raise ValueError(f"predict expects uint8 images, got {images.dtype}")
+        x = self.preprocess(images)
+        return torch.softmax(self._run(x).float(), dim=1).cpu()
+
+
+def _torch_runner(module: PackedModule, device: torch.device):
+    module = module.to(device)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return module(x.to(device, non_blocking=True))
+    return run
+
+
+def _ort_runner(session):
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy().astype(np.float32, copy=False)})[0])
+    return run
+
+
+def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
+         threads: int | None = None) -> InferenceModel:
+    """Load an export directory (validated) or a checkpoint (exported in memory)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for but torch sees no CUDA device")
+    if backend == "onnxruntime" and device != "cpu":
+        raise ValueError("the onnxruntime backend runs on the CPU here; use backend torch for CUDA")
+    path = Path(path)
+    if path.is_dir():
+        packed, manifest = read_export(path)
+        onnx_source = path / ("model.onnx" if variant == "sparse" else "dense.onnx")
+    elif path.is_file():
+        model, ckpt = load_model(path)
+        art = build_artifacts(model, ckpt, name=path.parent.name or path.stem)
+        packed, manifest = art.packed, art.manifest
+        onnx_source = art.model_onnx if variant == "sparse" else art.dense_onnx
+    else:
+        raise FileNotFoundError(f"{path}: no such export directory or checkpoint")
+    if backend == "torch":
+        net = densify(packed) if variant == "dense" else packed
+        run = _torch_runner(PackedModule(net), torch.device(device))
+    else:
+        try:
+            run = _ort_runner(ort_session(onnx_source, threads))
+        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+            raise ExportError(f"{path}: onnxruntime cannot load the graph ({e})") from e
+    return InferenceModel(run, Preprocess.from_dict(manifest["preprocess"]), list(manifest["classes"]), manifest,
+                          backend, torch.device(device), variant)
+
+
+__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS"]

@@ -1,0 +1,197 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.cli import main as export_main
+from g2gserve.checkpoint import from_model, save_checkpoint
+from g2gserve.config import MODEL_KINDS
+from g2gserve.export import ExportError, check_parity, build_artifacts, export_checkpoint, read_export
+from g2gserve.formats import densify, pack_block, pack_csr, pack_model
+from g2gserve.models import build_model
+from g2gserve.preprocess import Preprocess
+from g2gserve.runtime import load
+from g2gserve.runtime_torch import PackedModule
+
+from conftest import tiny_config
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def _trained_like(cfg):
+    """A model with non-trivial biases/weights (fresh init has zero-mean biases that hide bugs)."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for layer in model.hidden:
+            layer.bias.normal_(0, 0.5)
+            layer.weight.normal_(0, 0.2)
+            layer.apply_mask_()
+    return model
+
+
+def _checkpoint(tmp_path, **kw):
+    cfg = tiny_config(**kw)
+    model = _trained_like(cfg)
+    ckpt = from_model(model, CLASSES, Preprocess(1, 28, 28, (0.3,), (0.35,)), [{"epoch": 1, "test_acc": 0.5}])
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, ckpt)
+    return model, ckpt, path
+
+
+CASES = [dict(kind=k, granularity=g) for k in MODEL_KINDS for g in ("edge", "block")] + [
+    dict(grouping="random", granularity="block"), dict(grouping="index", granularity="block")]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_every_format_and_graph_matches_pytorch(kw):
+    model = _trained_like(tiny_config(**kw))
+    from g2gserve.checkpoint import from_model as fm
+    ckpt = fm(model, CLASSES, Preprocess(1, 28, 28, (0.3,), (0.35,)))
+    formats = ["auto", "dense"] + (["csr"] if model.cfg.is_sparse else []) + \
+        (["block"] if model.cfg.is_sparse and model.cfg.granularity == "block" else [])
+    x = torch.randn(64, 1, 28, 28)
+    for fmt in formats:
+        art = build_artifacts(model, ckpt, fmt)
+        errors = check_parity(model, art, x)
+        worst = max(e for per in errors.values() for e in per.values())
+        assert worst < 1e-5, (fmt, errors)
+        assert set(errors["model.onnx"]) == {"1", "7", "64"}
+
+
+def test_block_granularity_exports_block_and_shrinks(tmp_path):
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    manifest = export_checkpoint(path, tmp_path / "exp")
+    assert [l["format"] for l in manifest["layers"]] == ["block", "block"]
+    assert manifest["sizes"]["weight_ratio"] < 0.35 and manifest["sizes"]["onnx_ratio"] < 0.4
+    assert manifest["parity"]["worst"] <= 1e-4
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["dense.onnx", "manifest.json", "model.onnx",
+                                                                   "weights.safetensors"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("variant", ["sparse", "dense"])
+def test_round_trip_through_files_and_checkpoint(tmp_path, backend, variant):
+    model, ckpt, path = _checkpoint(tmp_path, granularity="block")
+    export_checkpoint(path, tmp_path / "exp")
+    images = torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8)
+    expected = torch.softmax(model(ckpt.preprocess(images)), 1)
+    for source in (tmp_path / "exp", path):
+        m = load(source, backend=backend, variant=variant)
+        probs = m.predict(images)
+        assert probs.shape == (7, 10) and torch.allclose(probs, expected, atol=1e-5)
+        assert m.classes == CLASSES and m.input_shape == (1, 28, 28)
+
+
+def test_block_packer_on_hand_made_masks():
+    b = 2
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    mask[0:2, 0:2] = True          # tile-row 0: a single tile
+    mask[2:4, :] = True            # tile-row 1: full row
+    # tile-row 2 (rows 4-5): empty
+    w = torch.randn(6, 8)
+    bias = torch.randn(6)
+    layer = pack_block("l", w, mask, bias, b)
+    assert layer.tensors["idx"].shape == (3, 4)  # K = widest row
+    assert torch.equal(layer.dense_weight(), w * mask)
+    x = torch.randn(5, 8)
+    from g2gserve.runtime_torch import BlockSparseLayer
+    assert torch.allclose(BlockSparseLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
+    with pytest.raises(ValueError, match="not made of whole 2x2 tiles"):
+        bad = mask.clone()
+        bad[0, 0] = False
+        pack_block("l", w, bad, bias, b)
+
+
+def test_csr_packer_on_hand_made_masks():
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[1] = True                 # full row
+    mask[3, 2] = True              # single entry; rows 0 and 2 empty
+    w = torch.randn(4, 5)
+    bias = torch.randn(4)
+    layer = pack_csr("l", w, mask, bias)
+    assert layer.tensors["crow"].tolist() == [0, 0, 5, 5, 6]
+    assert layer.tensors["col"].dtype == torch.int32 and layer.tensors["values"].numel() == 6
+    from g2gserve.runtime_torch import CSRLayer
+    x = torch.randn(3, 5)
+    assert torch.allclose(CSRLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
+    assert torch.equal(layer.dense_weight(), w * mask)
+
+
+def test_random_grouping_is_folded_into_the_layout():
+    model = _trained_like(tiny_config(grouping="random", granularity="block"))
+    packed = pack_model(model)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(PackedModule(packed)(x), model(x), atol=1e-5)
+    assert torch.allclose(PackedModule(densify(packed))(x), model(x), atol=1e-5)
+
+
+def _tamper(tmp_path, edit):
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    d = tmp_path / "exp"
+    export_checkpoint(path, d)
+    edit(d)
+    return d
+
+
+def _rewrite_manifest(d, change):
+    m = json.loads((d / "manifest.json").read_text())
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _rewrite_weights(d, change):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "weights.safetensors"))
+    change(t)
+    save_file(t, str(d / "weights.safetensors"))
+    _rewrite_manifest(d, lambda m: m["files"].pop("weights.safetensors"))  # a careful tamperer fixes checksums
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: (d / "model.onnx").unlink(), "missing model.onnx"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _rewrite_manifest(d, lambda m: m.update(format_version=99)), "version 99 is not supported"),
+    (lambda d: (d / "dense.onnx").write_bytes(b"junk"), "dense.onnx does not match the checksum"),
+    (lambda d: _rewrite_weights(d, lambda t: t.update({"hidden.0.idx": t["hidden.0.idx"] + 1000})), "outside"),
+    (lambda d: _rewrite_weights(d, lambda t: t.update({"hidden.1.blocks": t["hidden.1.blocks"][:, :8].contiguous()})), "shape"),
+    (lambda d: _rewrite_weights(d, lambda t: t.pop("head.bias")), "head.bias"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["classes"].pop()), "9 class names"),
+])
+def test_tampered_exports_are_rejected(tmp_path, edit, message):
+    d = _tamper(tmp_path, edit)
+    with pytest.raises(ExportError, match=message):
+        read_export(d)
+    with pytest.raises(ExportError):
+        load(d)
+
+
+def test_disagreeing_artifacts_refuse_to_write(tmp_path, monkeypatch):
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    import g2gserve.export as ex
+    real = ex.check_parity
+    monkeypatch.setattr(ex, "check_parity", lambda *a: {k: {kk: vv + 1.0 for kk, vv in v.items()}
+                                                        for k, v in real(*a).items()})
+    with pytest.raises(ExportError, match="disagree"):
+        export_checkpoint(path, tmp_path / "exp")
+    assert not (tmp_path / "exp").exists() and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+    _, _, path = _checkpoint(tmp_path, granularity="edge", sparsity=0.5)  # p' > 0: not tile-structured
+    assert export_main([str(path), "--format", "csr"]) == 0
+    out = capsys.readouterr().out
+    assert "csr" in out and "parity" in out and (tmp_path / "export" / "model.onnx").exists()
+    with pytest.raises(SystemExit):
+        export_main([str(path)])
+    assert "already exists" in capsys.readouterr().err
+    assert export_main([str(path), "--force", "--format", "block"]) == 1
+    assert "not made of whole" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    assert export_main([str(tmp_path / "bad.pt"), "--out", str(tmp_path / "y")]) == 1
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit):
+        export_main([str(path), "--opset", "7", "--force"])
