@@ -38,8 +38,8 @@ CONFIGS = [
     ("g2g-mixer", "G2G mixer grouping, static", ["--model", "g2g", "--grouping", "mixer", "--dst", "none"]),
     ("g2g-mixer-set", "G2G mixer + DST (magnitude prune, random regrow)", ["--model", "g2g", "--dst", "set"]),
     ("g2g-mixer-hebbian", "G2G mixer + DST Hebbian", ["--model", "g2g", "--dst", "hebbian"]),
-    ("g2g-block-hebbian", "G2G mixer, block 32x32 tiles + DST Hebbian",
-     ["--model", "g2g", "--granularity", "block", "--block-size", "32", "--dst", "hebbian"]),
+    ("g2g-block-hebbian", "G2G mixer, block 64x64 tiles + DST Hebbian",
+     ["--model", "g2g", "--granularity", "block", "--block-size", "64", "--dst", "hebbian"]),
 ]
 
 
