@@ -1,0 +1,126 @@
+"""Measuring sparse against dense: interleaved latency, percentiles, peak memory of fresh processes.
+
+Shared by ``g2g-bench`` and the server's ``/stats``. Machines are noisy, so the sparse model and its
+dense twin run alternately (A B A B ...) in one process after a warm-up, and the speedup is computed
+pair by pair (median of dense_i / sparse_i), never from two separate runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    samples: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> "Latency":
+        s = sorted(seconds)
+        q = lambda f: s[min(len(s) - 1, int(round(f * (len(s) - 1))))] * 1e3  # noqa: E731
+        return cls(q(0.50), q(0.95), q(0.99), statistics.fmean(s) * 1e3, len(s))
+
+
+def _timer(device: torch.device | None):
+    """A function timing one call: CUDA events (with synchronisation) on GPU, perf_counter on CPU."""
+    if device is not None and device.type == "cuda":
+        def time_cuda(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+        return time_cuda
+
+    def time_cpu(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    return time_cpu
+
+
+def interleaved(runs: dict[str, Callable[[], object]], warmup: int = 10, min_iters: int = 20, max_iters: int = 1000,
+                seconds: float = 2.0, device: torch.device | None = None) -> dict[str, list[float]]:
+    """Time each callable alternately, ``warmup`` rounds first; stop after ``seconds`` (>= min_iters rounds)."""
+    timer = _timer(device)
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    start = time.perf_counter()
+    while True:
+        for k, fn in runs.items():
+            times[k].append(timer(fn))
+        n = len(next(iter(times.values())))
+        if n >= max_iters or (n >= min_iters and time.perf_counter() - start >= seconds):
+            return times
+
+
+def pairwise_speedup(sparse: list[float], dense: list[float]) -> float:
+    """Median over interleaved pairs of dense_i / sparse_i."""
+    return statistics.median(d / s for s, d in zip(sparse, dense))
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "torch": str(torch.__version__), "gpu": None}
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def pin_threads(threads: int) -> list[int] | None:
+    """Use ``threads`` intra-op threads and, where the OS allows, pin the process to as many cores."""
+    torch.set_num_threads(threads)
+    try:
+        cores = sorted(os.sched_getaffinity(0))[:threads]
+        os.sched_setaffinity(0, cores)
+        return cores
+    except (AttributeError, OSError):
+        return None
+
+
+def peak_memory(model: str, backend: str, variant: str, batch: int, device: str = "cpu", threads: int = 1,
+                timeout: float = 300) -> dict:
+    """Peak resident memory (VmHWM) of a fresh process that loads ``model`` and runs one batch.
+
+    A fresh process, because a forked child inherits its parent's peak (shared notes).
+    """
+    cmd = [sys.executable, "-m", "g2gserve.memprobe", str(model), "--backend", backend, "--variant", variant,
+           "--batch", str(batch), "--device", device, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def as_dict(latency: Latency) -> dict:
+    return asdict(latency)

@@ -1,0 +1,1 @@
+"""Serving layer: the FastAPI app (``g2g-serve``) and latency benchmarking (``g2g-bench``)."""

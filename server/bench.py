@@ -1,0 +1,266 @@
+"""g2g-bench MODEL: latency and memory of the sparse model against its dense twin, measured side by side."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from g2gserve.benchmark import Latency, as_dict, interleaved, machine_info, pairwise_speedup, peak_memory, pin_threads
+from g2gserve.config import ModelConfig
+from g2gserve.fileio import atomic_write, atomic_write_text
+from g2gserve.formats import densify, pack_model
+from g2gserve.models import build_model
+from g2gserve.runtime import BACKENDS, load
+from g2gserve.runtime_torch import PackedModule
+
+SWEEP_SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return parse
+
+
+def _inputs(model, batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(batch)
+    images = torch.randint(0, 256, (batch, *model.input_shape), generator=gen, dtype=torch.uint8)
+    return model.preprocess(images)
+
+
+def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
+    sizes = manifest.get("sizes", {})
+    if "model_onnx_bytes" in sizes:
+        return {"model_onnx_bytes": sizes["model_onnx_bytes"], "dense_onnx_bytes": sizes["dense_onnx_bytes"]}
+    from g2gserve.checkpoint import load_model
+    from g2gserve.export import build_artifacts
+    model, ckpt = load_model(model_path)
+    art = build_artifacts(model, ckpt)
+    return {"model_onnx_bytes": art.model_onnx.ByteSize(), "dense_onnx_bytes": art.dense_onnx.ByteSize()}
+
+
+def bench_model(path: Path, backends: list[str], batches: list[int], device: str, threads: int, seconds: float,
+                memory: bool = True) -> dict:
+    runs, models = [], {}
+    for backend in backends:
+        for variant in ("sparse", "dense"):
+            models[backend, variant] = load(path, backend=backend, device=device, variant=variant, threads=threads)
+    manifest = models[backends[0], "sparse"].manifest
+    combos = [(b, n) for n in batches for b in backends]
+    dev = torch.device(device)
+    bar = tqdm(combos, desc="latency", unit="run")
+    for backend, n in bar:
+        sparse, dense = models[backend, "sparse"], models[backend, "dense"]
+        x = _inputs(sparse, n).to(dev if backend == "torch" else "cpu")
+        times = interleaved({"sparse": lambda: sparse.logits(x), "dense": lambda: dense.logits(x)},
+                            seconds=seconds, device=dev if backend == "torch" else None)
+        ls, ld = Latency.of(times["sparse"]), Latency.of(times["dense"])
+        run = {"backend": backend, "batch": n, "sparse": as_dict(ls), "dense": as_dict(ld),
+               "speedup": pairwise_speedup(times["sparse"], times["dense"]),
+               "throughput_sparse": n / (ls.p50_ms / 1e3), "throughput_dense": n / (ld.p50_ms / 1e3)}
+        runs.append(run)
+        bar.write(f"{backend:<12} batch {n:>4}: sparse p50 {ls.p50_ms:8.3f} ms  dense p50 {ld.p50_ms:8.3f} ms  "
+                  f"speedup {run['speedup']:.2f}x")
+    best = []
+    for n in batches:
+        at = [r for r in runs if r["batch"] == n]
+        s = min(at, key=lambda r: r["sparse"]["p50_ms"])
+        d = min(at, key=lambda r: r["dense"]["p50_ms"])
+        best.append({"batch": n, "sparse_backend": s["backend"], "dense_backend": d["backend"],
+                     "sparse_p50_ms": s["sparse"]["p50_ms"], "dense_p50_ms": d["dense"]["p50_ms"],
+                     "speedup": d["dense"]["p50_ms"] / s["sparse"]["p50_ms"]})
+    mem = []
+    if memory:
+        for backend in tqdm(backends, desc="memory", unit="backend"):
+            for variant in ("sparse", "dense"):
+                m = peak_memory(str(path), backend, variant, max(batches), device, threads)
+                mem.append({"backend": backend, "variant": variant, "batch": max(batches), **m})
+    sizes = dict(manifest.get("sizes", {})) | _onnx_bytes(path, manifest)
+    return {"model": str(path), "layers": [{k: l[k] for k in ("name", "format", "density")} for l in manifest["layers"]],
+            "runs": runs, "best": best, "memory": mem, "sizes": sizes}
+
+
+def sweep(batches: list[int], threads: int, seconds: float, device: str) -> list[dict]:
+    """Random-initialised G2GNets (G = 16, 32x32 tiles) across sparsities, block and CSR vs dense (torch)."""
+    rows, dev = [], torch.device(device)
+    combos = [(g, s) for g in ("block", "edge") for s in SWEEP_SPARSITIES]
+    for granularity, sparsity in tqdm(combos, desc="sweep", unit="model"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(groups=16, sparsity=sparsity, granularity=granularity, block_size=32)).eval()
+        packed = pack_model(model, "block" if granularity == "block" else "csr")
+        sparse, dense = PackedModule(packed).to(dev), PackedModule(densify(packed)).to(dev)
+        for n in batches:
+            x = torch.randn(n, 1, 28, 28, device=dev)
+            with torch.inference_mode():
+                times = interleaved({"sparse": lambda: sparse(x), "dense": lambda: dense(x)}, seconds=seconds,
+                                    device=dev)
+            rows.append({"format": packed.layers[0].format, "sparsity": sparsity, "batch": n,
+                         "sparse_p50_ms": Latency.of(times["sparse"]).p50_ms,
+                         "dense_p50_ms": Latency.of(times["dense"]).p50_ms,
+                         "speedup": pairwise_speedup(times["sparse"], times["dense"])})
+    return rows
+
+
+def break_even(rows: list[dict], fmt: str, batch: int) -> str:
+    """Sparsity at which ``fmt`` starts to beat dense, linearly interpolated between measured points."""
+    pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["format"] == fmt and r["batch"] == batch)
+    if not pts:
+        return "n/a"
+    if pts[0][1] >= 1:
+        return f"<= {pts[0][0]:.2%}"
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if v0 < 1 <= v1:
+            return f"{s0 + (1 - v0) * (s1 - s0) / (v1 - v0):.1%}"
+    return f"> {pts[-1][0]:.2%}"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
+             f"device {result['device']}, {result['threads']} thread(s), torch {m['torch']}, "
+             f"onnxruntime {m.get('onnxruntime')}. Command: `{result['command']}`", ""]
+    if "runs" in result:
+        lines += ["| backend | batch | sparse p50 / p95 / p99 (ms) | dense p50 / p95 / p99 (ms) | speedup (pairwise median) | sparse img/s | dense img/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["runs"]:
+            s, d = r["sparse"], r["dense"]
+            lines.append(f"| {r['backend']} | {r['batch']} | {s['p50_ms']:.3f} / {s['p95_ms']:.3f} / {s['p99_ms']:.3f} | "
+                         f"{d['p50_ms']:.3f} / {d['p95_ms']:.3f} / {d['p99_ms']:.3f} | {r['speedup']:.2f}x | "
+                         f"{r['throughput_sparse']:,.0f} | {r['throughput_dense']:,.0f} |")
+        lines += ["", "Best sparse backend vs best dense backend (p50):", "",
+                  "| batch | sparse (backend) | dense (backend) | speedup |", "|---|---|---|---|"]
+        for b in result["best"]:
+            lines.append(f"| {b['batch']} | {b['sparse_p50_ms']:.3f} ms ({b['sparse_backend']}) | "
+                         f"{b['dense_p50_ms']:.3f} ms ({b['dense_backend']}) | **{b['speedup']:.2f}x** |")
+        sz = result["sizes"]
+        lines += ["", "| size | sparse | dense | ratio |", "|---|---|---|---|",
+                  f"| stored weights | {sz['stored_weight_bytes']:,} B | {sz['dense_weight_bytes']:,} B | "
+                  f"{sz['stored_weight_bytes'] / sz['dense_weight_bytes']:.3f}x |",
+                  f"| ONNX file | {sz['model_onnx_bytes']:,} B | {sz['dense_onnx_bytes']:,} B | "
+                  f"{sz['model_onnx_bytes'] / sz['dense_onnx_bytes']:.3f}x |"]
+        by = {(r["backend"], r["variant"]): r for r in result["memory"]}
+        for backend in dict.fromkeys(r["backend"] for r in result["memory"]):
+            s, d = by[backend, "sparse"], by[backend, "dense"]
+            lines.append(f"| peak RSS, fresh process, {backend}, batch {s['batch']} | {s['vmhwm_bytes'] / 2**20:.1f} MiB | "
+                         f"{d['vmhwm_bytes'] / 2**20:.1f} MiB | {s['vmhwm_bytes'] / d['vmhwm_bytes']:.3f}x |")
+            if "cuda_max_allocated_bytes" in s:
+                lines.append(f"| CUDA max allocated, {backend} | {s['cuda_max_allocated_bytes']:,} B | "
+                             f"{d['cuda_max_allocated_bytes']:,} B | "
+                             f"{s['cuda_max_allocated_bytes'] / d['cuda_max_allocated_bytes']:.3f}x |")
+    if result.get("sweep"):
+        rows = result["sweep"]
+        batches = sorted({r["batch"] for r in rows})
+        lines += ["", "Sweep (random-initialised G2GNets, G = 16, torch backend): speedup over the dense twin", "",
+                  "| format | sparsity | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                  "|---|---|" + "---|" * len(batches)]
+        for fmt in dict.fromkeys(r["format"] for r in rows):
+            for sp in dict.fromkeys(r["sparsity"] for r in rows if r["format"] == fmt):
+                cells = [next(f"{r['speedup']:.2f}x" for r in rows if r["format"] == fmt and r["sparsity"] == sp
+                              and r["batch"] == b) for b in batches]
+                lines.append(f"| {fmt} | {sp:.2%} | " + " | ".join(cells) + " |")
+            lines.append(f"| {fmt} break-even | | " + " | ".join(break_even(rows, fmt, b) for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("runs", "sweep") if result.get(k)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        if kind == "runs":
+            for backend in dict.fromkeys(r["backend"] for r in result["runs"]):
+                rs = [r for r in result["runs"] if r["backend"] == backend]
+                xs = [r["batch"] for r in rs]
+                line, = ax.plot(xs, [r["sparse"]["p50_ms"] for r in rs], "o-", label=f"{backend} sparse")
+                ax.plot(xs, [r["dense"]["p50_ms"] for r in rs], "s--", color=line.get_color(), label=f"{backend} dense")
+            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)",
+                   title=f"latency, {result['device']}, {result['threads']} thread(s)")
+        else:
+            for fmt in dict.fromkeys(r["format"] for r in result["sweep"]):
+                for n in sorted({r["batch"] for r in result["sweep"]}):
+                    rs = sorted((r for r in result["sweep"] if r["format"] == fmt and r["batch"] == n),
+                                key=lambda r: r["sparsity"])
+                    ax.plot([100 * r["sparsity"] for r in rs], [r["speedup"] for r in rs],
+                            "o-" if fmt == "block" else "x--", label=f"{fmt}, batch {n}")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set(xlabel="sparsity (%)", ylabel="speedup over dense", title="sparsity sweep (break-even at 1)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="g2g-bench",
+        description="Latency and memory of a sparse G2GNet against its dense twin (the same function with dense "
+                    "weights), run interleaved in one process after a warm-up, pinned to --threads. Writes "
+                    "OUT/bench.json, OUT/bench.md and OUT/bench.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", type=Path, nargs="?", help="export directory or model.pt (optional with --sweep)")
+    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
+    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="torch and/or onnxruntime")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend x batch (after warm-up)")
+    p.add_argument("--sweep", action="store_true", help="also time random G2GNets at 50/75/87.5/93.75%% sparsity, "
+                                                        "block and CSR, and report the break-even points")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None and not args.sweep:
+        parser.error("give a MODEL (export directory or model.pt), or --sweep")
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda asked for but torch sees no CUDA device")
+        args.backends = [b for b in args.backends if b == "torch"] or parser.error("--device cuda needs --backends torch")
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.threads < 1:
+        parser.error("batch sizes and --threads must be positive")
+    if args.model is not None and not args.model.exists():
+        parser.error(f"{args.model}: no such export directory or checkpoint")
+    cores = pin_threads(args.threads)
+    result = {"command": "g2g-bench " + " ".join(argv), "machine": machine_info(), "device": args.device,
+              "threads": args.threads, "pinned_cores": cores, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        if args.model is not None:
+            result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
+                                  args.seconds, memory=not args.no_memory)
+        if args.sweep:
+            result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"g2g-bench: error: {e}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "bench.json", json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    atomic_write_text(args.out / "bench.md", table)
+    plot(result, args.out / "bench.png")
+    print()
+    print(table)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} and {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
