@@ -33,13 +33,17 @@ from g2gserve.fileio import atomic_write, atomic_write_text
 CONFIGS = [
     ("dense", "dense, same widths", ["--model", "dense"]),
     ("dense-params", "dense, width matched to g2g's active parameters", ["--model", "dense-params"]),
-    ("er", "Erdős–Rényi, same density, static", ["--model", "er", "--dst", "none"]),
-    ("g2g-index", "G2G index grouping, static", ["--model", "g2g", "--grouping", "index", "--dst", "none"]),
-    ("g2g-mixer", "G2G mixer grouping, static", ["--model", "g2g", "--grouping", "mixer", "--dst", "none"]),
-    ("g2g-mixer-set", "G2G mixer + DST (magnitude prune, random regrow)", ["--model", "g2g", "--dst", "set"]),
-    ("g2g-mixer-hebbian", "G2G mixer + DST Hebbian", ["--model", "g2g", "--dst", "hebbian"]),
+    ("er", "Erdős–Rényi, same density, static", ["--model", "er", "--granularity", "edge", "--dst", "none"]),
+    ("g2g-index", "G2G index grouping, static",
+     ["--model", "g2g", "--grouping", "index", "--granularity", "edge", "--dst", "none"]),
+    ("g2g-mixer", "G2G mixer grouping, static",
+     ["--model", "g2g", "--grouping", "mixer", "--granularity", "edge", "--dst", "none"]),
+    ("g2g-mixer-set", "G2G mixer + DST (magnitude prune, random regrow)",
+     ["--model", "g2g", "--grouping", "mixer", "--granularity", "edge", "--dst", "set"]),
+    ("g2g-mixer-hebbian", "G2G mixer + DST Hebbian",
+     ["--model", "g2g", "--grouping", "mixer", "--granularity", "edge", "--dst", "hebbian"]),
     ("g2g-block-hebbian", "G2G mixer, block 64x64 tiles + DST Hebbian",
-     ["--model", "g2g", "--granularity", "block", "--block-size", "64", "--dst", "hebbian"]),
+     ["--model", "g2g", "--grouping", "mixer", "--granularity", "block", "--block-size", "64", "--dst", "hebbian"]),
 ]
 
 
