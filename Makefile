@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 DEMO := runs/demo
+PORT ?= 8765
 
 .PHONY: install demo test clean
 
@@ -13,9 +15,24 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Train a small block-sparse G2GNet on real Fashion-MNIST, export it, benchmark it against its dense
+# twin, then serve it and classify a real test image with curl.
 demo: install
 	rm -rf $(DEMO)
-	$(PY) -m training.fit --dataset fashion-mnist --epochs 1 --out $(DEMO)
+	$(PY) -m training.fit --dataset fashion-mnist --epochs 2 --granularity block --block-size 64 \
+		--dst hebbian --dst-interval 100 --out $(DEMO)
+	$(BIN)/g2g-export $(DEMO)/model.pt --out $(DEMO)/export
+	$(BIN)/g2g-bench $(DEMO)/export --batch-sizes 1,64 --seconds 2 --out $(DEMO)/bench
+	$(PY) -m server.sample --index 0 --out $(DEMO)/sample.png
+	@set -e; \
+	$(BIN)/g2g-serve $(DEMO)/export --port $(PORT) --threads 1 > $(DEMO)/server.log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 300); do curl -sf http://127.0.0.1:$(PORT)/readyz > /dev/null && break; sleep 0.2; done; \
+	echo; echo "$$ curl -F file=@$(DEMO)/sample.png 'http://127.0.0.1:$(PORT)/classify?top_k=3'"; \
+	curl -sS -F file=@$(DEMO)/sample.png "http://127.0.0.1:$(PORT)/classify?top_k=3" | $(PY) -m json.tool; \
+	for i in $$(seq 300); do curl -s http://127.0.0.1:$(PORT)/stats | grep -q '"status":"done"' && break; sleep 0.5; done; \
+	echo; echo "$$ curl http://127.0.0.1:$(PORT)/stats"; \
+	curl -sS http://127.0.0.1:$(PORT)/stats | $(PY) -m json.tool
 
 test: install
 	$(PY) -m pytest -q
