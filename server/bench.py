@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from g2gserve.benchmark import Latency, as_dict, interleaved, machine_info, pairwise_speedup, peak_memory, pin_threads
 from g2gserve.config import ModelConfig
-from g2gserve.fileio import atomic_write, atomic_write_text
+from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.models import build_model
 from g2gserve.runtime import BACKENDS, load
@@ -171,9 +171,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from g2gserve.plotting import plt, save_png
 
     panels = [k for k in ("runs", "sweep") if result.get(k)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
@@ -198,8 +196,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

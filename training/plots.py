@@ -3,12 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from g2gserve.fileio import atomic_write  # noqa: E402
+from g2gserve.plotting import plt, save_png
 
 
 def plot_training(history: list[dict], dst_records: list[dict], path: Path) -> None:
@@ -33,5 +28,4 @@ def plot_training(history: list[dict], dst_records: list[dict], path: Path) -> N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from g2gserve.accounting import model_summary
 from g2gserve.checkpoint import CheckpointError, load_model
 from g2gserve.data import DATASETS
-from g2gserve.fileio import atomic_write, atomic_write_text
+from g2gserve.fileio import atomic_write_text
 
 # (name, description, fit flags). The order is the order of the table.
 CONFIGS = [
@@ -134,9 +134,7 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
 
 
 def plot(cells: list[Cell], results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from g2gserve.plotting import plt, save_png
 
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4.5), squeeze=False)
@@ -156,8 +154,7 @@ def plot(cells: list[Cell], results: dict[str, dict], path: Path) -> None:
         ax.set(title=dataset, xlabel="test accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
