@@ -27,8 +27,8 @@ class ModelConfig:
     groups: int = 8
     grouping: str = "mixer"
     sparsity: float = 0.75
-    granularity: str = "edge"
-    block_size: int = 32
+    granularity: str = "block"
+    block_size: int = 64
     mask_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -234,3 +234,30 @@ def test_loadtest_refuses_other_hosts():
     loopback_only("http://localhost:1")
     with pytest.raises(ValueError, match="not a loopback"):
         loopback_only("http://10.1.2.3:8000")
+
+
+def test_graceful_shutdown_lets_in_flight_requests_finish(export_dir):
+    app = _app(export_dir, max_wait_ms=0)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    service = app.state.service
+    real = service.model.predict
+    service.batcher.predict = lambda x: (time.sleep(0.5), real(x))[1]
+    result = {}
+    client = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/classify", content=_png(), timeout=10)))
+    client.start()
+    time.sleep(0.2)  # the request is inside the slow forward pass
+    server.should_exit = True  # what SIGTERM does
+    client.join()
+    thread.join(timeout=10)
+    assert result["r"].status_code == 200 and not thread.is_alive()
