@@ -77,7 +77,7 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for but torch sees no CUDA device")
     if backend == "onnxruntime" and device != "cpu":

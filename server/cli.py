@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.exists():
         print(f"g2g-serve: error: {args.model}: no such export directory or checkpoint", file=sys.stderr)
         return 2
-    device = "cpu" if args.backend == "onnxruntime" and args.device == "auto" else args.device
     try:
-        cfg = ServeConfig(model=str(args.model), backend=args.backend, device=device, max_batch=args.max_batch,
+        cfg = ServeConfig(model=str(args.model), backend=args.backend, device=args.device, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue_images=args.max_queue,
                           max_body_bytes=int(args.max_body_mb * 2**20), threads=args.threads,
                           calibrate=not args.no_calibrate)
