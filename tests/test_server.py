@@ -261,3 +261,14 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(export_dir):
     client.join()
     thread.join(timeout=10)
     assert result["r"].status_code == 200 and not thread.is_alive()
+
+
+def test_onnxruntime_backend_serves_the_same_predictions(export_dir):
+    with TestClient(_app(export_dir, backend="onnxruntime")) as ort_client, TestClient(_app(export_dir)) as torch_client:
+        body = _png(5)
+        a = ort_client.post("/classify?top_k=10", content=body).json()
+        b = torch_client.post("/classify?top_k=10", content=body).json()
+        assert a["model"]["backend"] == "onnxruntime" and b["model"]["backend"] == "torch"
+        pa = {s["class_id"]: s["probability"] for s in a["predictions"][0]["top_k"]}
+        pb = {s["class_id"]: s["probability"] for s in b["predictions"][0]["top_k"]}
+        assert max(abs(pa[c] - pb[c]) for c in range(10)) < 1e-5
