@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from g2gserve.accounting import model_summary
+from g2gserve.benchmark import machine_info
 from g2gserve.checkpoint import CheckpointError, load_model
 from g2gserve.data import DATASETS
 from g2gserve.fileio import atomic_write_text
@@ -102,34 +102,41 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
         "",
         "Produced by `python -m training.reproduce " + " ".join(args.argv) + "` "
         f"(each cell: `python -m training.fit` with the flags below, {args.epochs} epochs, Adam 1e-3, cosine, batch 256).",
-        f"Machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, threads per cell "
-        f"{args.threads}; table written {time.strftime('%Y-%m-%d %H:%M')}.",
-        "Accuracy is the test accuracy after the last epoch, mean ± std over the seeds that finished.",
+        f"Machine: {machine_info()['cpu']} ({os.cpu_count()} cores, CPU only), torch {machine_info()['torch']}, "
+        f"{args.jobs} cell(s) in parallel with {args.threads} thread(s) each; table written {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Wall time of the finished cells' training, summed: {sum(r['train_time_s'] for r in results.values()) / 3600:.1f} h "
+        "(cells share the machine, so single times are not comparable).",
+        "Accuracy is the test accuracy after the last epoch, mean ± std over the seeds that finished; "
+        "Δ is the difference to the dense network of the same widths in percentage points.",
         "",
     ]
     for dataset in dict.fromkeys(c.dataset for c in cells):
         lines += [f"## {dataset}", "",
-                  "| model | test accuracy (%) | seeds | active params | density | MACs/image | train time (s, total) |",
+                  "| model | test accuracy (%) | Δ vs dense | seeds | active params | density | MACs/image |",
                   "|---|---|---|---|---|---|---|"]
+        dense_accs = [100 * results[c.key]["test_acc"] for c in cells
+                      if c.dataset == dataset and c.config == "dense" and c.key in results]
         for name, desc, _ in CONFIGS:
             mine = [c for c in cells if c.dataset == dataset and c.config == name]
             if not mine:
                 continue
             done = [results[c.key] for c in mine if c.key in results]
             if not done:
-                lines.append(f"| {desc} | *missing* | 0/{len(mine)} | | | | |")
+                lines.append(f"| {desc} | *missing* | | 0/{len(mine)} | | | |")
                 continue
             accs = [100 * r["test_acc"] for r in done]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             r0 = done[0]
-            lines.append(f"| {desc} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(done)}/{len(mine)} | "
-                         f"{r0['active_params']:,} | {r0['density']:.3f} | {r0['macs_sparse']:,} | "
-                         f"{statistics.mean(r['train_time_s'] for r in done):.0f} |")
+            delta = f"{statistics.mean(accs) - statistics.mean(dense_accs):+.2f}" if dense_accs else ""
+            lines.append(f"| {desc} | {statistics.mean(accs):.2f} ± {std:.2f} | {delta} | {len(done)}/{len(mine)} | "
+                         f"{r0['active_params']:,} | {r0['density']:.3f} | {r0['macs_sparse']:,} |")
         lines.append("")
     missing = [c.key for c in cells if c.key not in results]
     if missing:
         lines += [f"**Missing cells ({len(missing)}):** " + ", ".join(missing), ""]
-    lines += ["## Flags per model", ""] + [f"- {desc}: `{' '.join(f)}`" for _, desc, f in CONFIGS] + [""]
+    lines += ["## Flags per model", "",
+              "Every cell runs `python -m training.fit --dataset D --epochs E --seed S --threads T` (plus `--data-dir` "
+              "for CIFAR) with:", ""] + [f"- {desc}: `{' '.join(f)}`" for _, desc, f in CONFIGS] + [""]
     return "\n".join(lines)
 
 
