@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown dataset/config: {', '.join(unknown)}")
     seeds = {k: int(v) for k, v in (kv.split("=") for kv in args.seeds.split(","))}
-    # Seed-major order: a partial run has every config once before it has any config twice.
-    cells = [Cell(c, d, s) for d in datasets for s in range(seeds.get(d, 1)) for c in args.configs.split(",")]
+    # Seed-major order: a partial run has every config on every data set once before it has any twice.
+    cells = [Cell(c, d, s) for s in range(max(seeds.get(d, 1) for d in datasets)) for d in datasets
+             for c in args.configs.split(",") if s < seeds.get(d, 1)]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     todo = [c for c in cells if c.key not in load_results(args.results_dir)]
     if not args.table_only and todo:
