@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from g2gserve.checkpoint import CheckpointError, load_checkpoint
+from g2gserve.export import ExportError, read_export
+
 from .app import ServeConfig, create_app
 
 
@@ -38,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    if not args.model.exists():
-        print(f"g2g-serve: error: {args.model}: no such export directory or checkpoint", file=sys.stderr)
+    try:  # refuse a missing, tampered or foreign model before starting uvicorn
+        if args.model.is_dir():
+            read_export(args.model)
+        else:
+            load_checkpoint(args.model)
+    except (ExportError, CheckpointError) as e:
+        print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
     try:
         cfg = ServeConfig(model=str(args.model), backend=args.backend, device=args.device, max_batch=args.max_batch,

@@ -272,3 +272,12 @@ def test_onnxruntime_backend_serves_the_same_predictions(export_dir):
         pa = {s["class_id"]: s["probability"] for s in a["predictions"][0]["top_k"]}
         pb = {s["class_id"]: s["probability"] for s in b["predictions"][0]["top_k"]}
         assert max(abs(pa[c] - pb[c]) for c in range(10)) < 1e-5
+
+
+def test_serve_cli_refuses_bad_models_before_starting(tmp_path, capsys):
+    from server.cli import main
+    assert main([str(tmp_path / "missing.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "exp").mkdir()
+    assert main([str(tmp_path / "exp")]) == 2
+    assert "incomplete export" in capsys.readouterr().err
