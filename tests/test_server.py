@@ -181,11 +181,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live_server(export_dir):
+def _start(app):
+    """uvicorn on a free loopback port in a thread; returns (url, server, thread) once /readyz answers."""
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(export_dir, max_body_bytes=100_000, max_batch=16, max_wait_ms=20),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -196,6 +195,12 @@ def live_server(export_dir):
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
+    return url, server, thread
+
+
+@pytest.fixture
+def live_server(export_dir):
+    url, server, thread = _start(_app(export_dir, max_body_bytes=100_000, max_batch=16, max_wait_ms=20))
     yield url
     server.should_exit = True
     thread.join(timeout=10)
@@ -238,18 +243,7 @@ def test_loadtest_refuses_other_hosts():
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(export_dir):
     app = _app(export_dir, max_wait_ms=0)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    url, server, thread = _start(app)
     service = app.state.service
     real = service.model.predict
     service.batcher.predict = lambda x: (time.sleep(0.5), real(x))[1]
