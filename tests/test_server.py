@@ -200,7 +200,7 @@ def _start(app):
 
 @pytest.fixture
 def live_server(export_dir):
-    url, server, thread = _start(_app(export_dir, max_body_bytes=100_000, max_batch=16, max_wait_ms=20))
+    url, server, thread = _start(_app(export_dir, max_body_bytes=100_000, max_batch=16, max_wait_ms=200))
     yield url
     server.should_exit = True
     thread.join(timeout=10)
