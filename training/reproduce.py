@@ -128,7 +128,8 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             r0 = done[0]
             delta = f"{statistics.mean(accs) - statistics.mean(dense_accs):+.2f}" if dense_accs else ""
-            lines.append(f"| {desc} | {statistics.mean(accs):.2f} ± {std:.2f} | {delta} | {len(done)}/{len(mine)} | "
+            acc = f"{statistics.mean(accs):.2f} ± {std:.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
+            lines.append(f"| {desc} | {acc} | {delta} | {len(done)}/{len(mine)} | "
                          f"{r0['active_params']:,} | {r0['density']:.3f} | {r0['macs_sparse']:,} |")
         lines.append("")
     missing = [c.key for c in cells if c.key not in results]
