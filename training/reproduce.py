@@ -155,7 +155,11 @@ def plot(cells: list[Cell], results: dict[str, dict], path: Path) -> None:
                 names.append(name)
                 means.append(statistics.mean(accs))
                 stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        ax.barh(names, means, xerr=stds, color=["#999" if n.startswith(("dense", "er")) else "#2a7" for n in names])
+        if not means:
+            ax.text(0.5, 0.5, "no finished cells yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set(xticks=[], yticks=[])
+        bars = ax.barh(names, means, xerr=stds, color=["#999" if n.startswith(("dense", "er")) else "#2a7" for n in names])
+        ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
         if means:
             ax.set_xlim(min(means) - 3, max(means) + 1.5)
         ax.invert_yaxis()
