@@ -247,10 +247,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
 
+    known_paths: set[str] = set()  # filled once the routes exist (below); unknown paths are counted as "other"
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
-        path = request.url.path if request.url.path in {r.path for r in app.routes} else "other"
+        path = request.url.path if request.url.path in known_paths else "other"
         service.metrics.requests.labels(path, str(response.status_code)).inc()
         if response.status_code >= 400:
             service.metrics.errors.labels(path, str(response.status_code)).inc()
@@ -324,6 +326,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         """Prometheus text format."""
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    known_paths.update(r.path for r in app.routes)
     return app
 
 

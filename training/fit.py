@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if masks is not None:
             atomic_write_text(out / "dst.jsonl", "".join(json.dumps(r) + "\n" for r in masks.records))
     print()
-    print(summary_table(model_summary(model), history))
+    print(summary_table(summary, history))  # DST keeps every layer's edge count, so the counts still hold
     if masks is not None and masks.records:
         last = {r["layer"]: r for r in masks.records}
         print("\nrewiring (" + f"{dst.prune} prune, {dst.regrow} regrow): "
