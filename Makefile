@@ -1,4 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both create .venv and install the project into it.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,23 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The CUDA checks, for a machine with a GPU: the CUDA tests (and the rest of the suite), real Fashion-MNIST
+# training on CUDA, side-by-side epoch times, and g2g-bench on CUDA. Runs with any Python that already has
+# the dependencies (`make gpu-check GPU_PY=python3 FMNIST=DIR MODEL=EXPORT_DIR`); docs/benchmarks.md quotes it.
+GPU_PY ?= $(PY)
+GPU_OUT ?= runs/gpu
+FMNIST ?= /usr/share/datasets/fashion-mnist
+MODEL ?= $(DEMO)/export
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+	$(GPU_PY) -m pytest -q -p no:cacheprovider tests 2>&1 | tee $(GPU_OUT)/pytest.txt
+	$(GPU_PY) -m training.fit --device cuda --dataset fashion-mnist --data-dir $(FMNIST) --epochs 3 --no-progress \
+		--out $(GPU_OUT)/fit 2>&1 | tee $(GPU_OUT)/fit.txt
+	$(GPU_PY) -m training.epoch_time --device cuda --data-dir $(FMNIST) --repeats 2 2>&1 | tee $(GPU_OUT)/epoch_time.txt
+	$(GPU_PY) -m server.bench $(MODEL) --device cuda --backends torch --batch-sizes 1,8,64,256 --seconds 1.5 \
+		--sweep --out $(GPU_OUT)/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

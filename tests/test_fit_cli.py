@@ -43,8 +43,11 @@ def test_resume_gives_the_same_weights(idx_dir, tmp_path, capsys):
     assert main(["--out", str(tmp_path / "b"), "--resume", "--data-dir", str(idx_dir), "--no-progress"]) == 0
     a, _ = load_model(tmp_path / "a" / "model.pt")
     b, ckpt_b = load_model(tmp_path / "b" / "model.pt")
+    # Bit-identical on the AVX2 CI machine. On an AVX-512 Xeon (torch 2.11) a resumed run differs by
+    # <= 3e-8 (two uninterrupted runs there are identical): vector kernels round differently on freshly
+    # loaded buffers. 1e-6 still catches any real resume bug (wrong RNG, data order, LR, optimizer state).
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(ta, tb), name
+        torch.testing.assert_close(ta, tb, rtol=0, atol=1e-6, msg=name)
     assert len(ckpt_b.history) == 3
 
 

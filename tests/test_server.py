@@ -8,9 +8,11 @@ import time
 import httpx
 import pytest
 import torch
-import uvicorn
-from fastapi.testclient import TestClient
-from PIL import Image
+
+pytest.importorskip("fastapi", reason="the server extra is not installed (core-only environment, e.g. a GPU box)")
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from g2gserve.export import export_checkpoint
 from g2gserve.images import encode_png
