@@ -2,7 +2,8 @@
 
 Shared by ``g2g-bench`` and the server's ``/stats``. Machines are noisy, so the sparse model and its
 dense twin run alternately (A B A B ...) in one process after a warm-up, and the speedup is computed
-pair by pair (median of dense_i / sparse_i), never from two separate runs.
+pair by pair (median of dense_i / sparse_i), never from two separate runs. ``run_length`` > 1 times
+warm-cache runs of each model instead (A A A B B B ...), see ``interleaved``.
 """
 from __future__ import annotations
 
@@ -55,8 +56,16 @@ def _timer(device: torch.device | None):
 
 
 def interleaved(runs: dict[str, Callable[[], object]], warmup: int = 10, min_iters: int = 20, max_iters: int = 1000,
-                seconds: float = 2.0, device: torch.device | None = None) -> dict[str, list[float]]:
-    """Time each callable alternately, ``warmup`` rounds first; stop after ``seconds`` (>= min_iters rounds)."""
+                seconds: float = 2.0, device: torch.device | None = None, run_length: int = 1) -> dict[str, list[float]]:
+    """Time each callable alternately, ``warmup`` rounds first; stop after ``seconds`` (>= min_iters samples each).
+
+    ``run_length`` 1 is strict A B A B: every call follows a call of the other model, which has pushed this
+    one's weights out of the caches (cold). With ``run_length`` N > 1 each model runs N + 1 times in a row
+    and the first call after a switch is not counted: every sample is warm, as in a server that runs one
+    model, while the alternation still exposes both to the same drift.
+    """
+    if run_length < 1:
+        raise ValueError(f"run_length must be at least 1, got {run_length}")
     timer = _timer(device)
     for _ in range(warmup):
         for fn in runs.values():
@@ -65,7 +74,9 @@ def interleaved(runs: dict[str, Callable[[], object]], warmup: int = 10, min_ite
     start = time.perf_counter()
     while True:
         for k, fn in runs.items():
-            times[k].append(timer(fn))
+            if run_length > 1:
+                fn()
+            times[k].extend(timer(fn) for _ in range(run_length))
         n = len(next(iter(times.values())))
         if n >= max_iters or (n >= min_iters and time.perf_counter() - start >= seconds):
             return times
@@ -87,11 +98,11 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
             "torch": str(torch.__version__), "gpu": None}
-    try:
-        import onnxruntime
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for module in ("onnxruntime", "numba"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -4,7 +4,8 @@
     probs = model.predict(images_uint8)        # (N, C, H, W) uint8 -> (N, classes) probabilities
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
-the onnxruntime backend runs ``model.onnx``. ``variant="dense"`` loads the dense twin of the same
+the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
+CPU loop nest over the live tiles (numba; fastest at small batches, single-threaded). ``variant="dense"`` loads the dense twin of the same
 function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .formats import densify
 from .preprocess import Preprocess
 from .runtime_torch import PackedModule
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "fused")
 VARIANTS = ("sparse", "dense")
 
 
@@ -78,10 +79,10 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"
+    if backend != "torch" and device != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU; use backend torch for CUDA")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for but torch sees no CUDA device")
-    if backend == "onnxruntime" and device != "cpu":
-        raise ValueError("the onnxruntime backend runs on the CPU here; use backend torch for CUDA")
     path = Path(path)
     if path.is_dir():
         packed, manifest = read_export(path)
@@ -96,6 +97,9 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     if backend == "torch":
         net = densify(packed) if variant == "dense" else packed
         run = _torch_runner(PackedModule(net), torch.device(device))
+    elif backend == "fused":
+        from .runtime_fused import fused_runner  # imports numba (~60 MB): only for this backend
+        run = fused_runner(densify(packed) if variant == "dense" else packed)
     else:
         try:
             run = _ort_runner(ort_session(onnx_source, threads))

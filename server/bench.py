@@ -48,7 +48,7 @@ def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
 
 
 def bench_model(path: Path, backends: list[str], batches: list[int], device: str, threads: int, seconds: float,
-                memory: bool = True) -> dict:
+                memory: bool = True, run_length: int = 1) -> dict:
     runs, models = [], {}
     for backend in backends:
         for variant in ("sparse", "dense"):
@@ -61,7 +61,7 @@ def bench_model(path: Path, backends: list[str], batches: list[int], device: str
         sparse, dense = models[backend, "sparse"], models[backend, "dense"]
         x = _inputs(sparse, n).to(dev if backend == "torch" else "cpu")
         times = interleaved({"sparse": lambda: sparse.logits(x), "dense": lambda: dense.logits(x)},
-                            seconds=seconds, device=dev if backend == "torch" else None)
+                            seconds=seconds, device=dev if backend == "torch" else None, run_length=run_length)
         ls, ld = Latency.of(times["sparse"]), Latency.of(times["dense"])
         run = {"backend": backend, "batch": n, "sparse": as_dict(ls), "dense": as_dict(ld),
                "speedup": pairwise_speedup(times["sparse"], times["dense"]),
@@ -126,7 +126,11 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['cpu']} ({m['cores']} cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
              f"device {result['device']}, {result['threads']} thread(s), torch {m['torch']}, "
-             f"onnxruntime {m.get('onnxruntime')}. Command: `{result['command']}`", ""]
+             f"onnxruntime {m.get('onnxruntime')}, numba {m.get('numba')}. Command: `{result['command']}`", ""]
+    rl = result.get("run_length", 1)
+    lines += ["Timing: strict A B A B alternation (every call runs after the other model's; cold caches)." if rl == 1
+              else f"Timing: runs of {rl} warm calls per model between switches (the first call after a switch "
+                   "is not counted).", ""]
     if "runs" in result:
         lines += ["| backend | batch | sparse p50 / p95 / p99 (ms) | dense p50 / p95 / p99 (ms) | speedup (pairwise median) | sparse img/s | dense img/s |",
                   "|---|---|---|---|---|---|---|"]
@@ -208,12 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, nargs="?", help="export directory or model.pt (optional with --sweep)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
-    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="torch and/or onnxruntime")
+    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="comma-separated: torch, onnxruntime, fused")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend x batch (after warm-up)")
     p.add_argument("--sweep", action="store_true", help="also time random G2GNets at 50/75/87.5/93.75%% sparsity, "
                                                         "block and CSR, and report the break-even points")
+    p.add_argument("--run-length", type=int, default=1, metavar="N",
+                   help="calls of one model before switching to the other: 1 is strict A B A B (each call after "
+                        "the other model evicted its weights from the caches); N > 1 times N warm calls per switch "
+                        "(the first call after a switch is not counted), like a server that runs one model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
     return p
@@ -232,17 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("--device cuda asked for but torch sees no CUDA device")
         args.backends = [b for b in args.backends if b == "torch"] or parser.error("--device cuda needs --backends torch")
-    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.threads < 1:
-        parser.error("batch sizes and --threads must be positive")
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.threads < 1 or args.run_length < 1:
+        parser.error("batch sizes, --threads and --run-length must be positive")
     if args.model is not None and not args.model.exists():
         parser.error(f"{args.model}: no such export directory or checkpoint")
     cores = pin_threads(args.threads)
     result = {"command": "g2g-bench " + " ".join(argv), "machine": machine_info(), "device": args.device,
-              "threads": args.threads, "pinned_cores": cores, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "threads": args.threads, "run_length": args.run_length, "pinned_cores": cores, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         if args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
-                                  args.seconds, memory=not args.no_memory)
+                                  args.seconds, memory=not args.no_memory, run_length=args.run_length)
         if args.sweep:
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
     except (ValueError, RuntimeError, OSError) as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from g2gserve.checkpoint import CheckpointError, load_checkpoint
 from g2gserve.export import ExportError, read_export
+from g2gserve.runtime import BACKENDS
 
 from .app import ServeConfig, create_app
 
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="export directory (g2g-export) or model.pt (exported in memory)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
+                        "lowest latency at small batches)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")

@@ -36,10 +36,10 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
     result = json.loads((out / "bench.json").read_text())
     assert {"machine", "threads", "runs", "best", "memory", "sizes", "command"} <= set(result)
     assert result["threads"] == 1 and result["machine"]["cores"] >= 1
-    assert {(r["backend"], r["batch"]) for r in result["runs"]} == {(b, n) for b in ("torch", "onnxruntime") for n in (1, 3)}
+    assert {(r["backend"], r["batch"]) for r in result["runs"]} == {(b, n) for b in ("torch", "onnxruntime", "fused") for n in (1, 3)}
     run = result["runs"][0]
     assert run["sparse"]["samples"] == run["dense"]["samples"] >= 20 and run["speedup"] > 0
-    assert {(m["backend"], m["variant"]) for m in result["memory"]} == {(b, v) for b in ("torch", "onnxruntime")
+    assert {(m["backend"], m["variant"]) for m in result["memory"]} == {(b, v) for b in ("torch", "onnxruntime", "fused")
                                                                        for v in ("sparse", "dense")}
     assert result["sizes"]["stored_weight_bytes"] < result["sizes"]["dense_weight_bytes"]
     assert (out / "bench.png").stat().st_size > 1000
@@ -87,3 +87,14 @@ def test_sweep_smoke(tmp_path, monkeypatch):
     assert main(["--sweep", "--batch-sizes", "2", "--seconds", "0.01", "--out", str(tmp_path / "s")]) == 0
     rows = json.loads((tmp_path / "s" / "bench.json").read_text())["sweep"]
     assert {(r["format"], r["sparsity"]) for r in rows} == {(f, s) for f in ("block", "csr") for s in (0.5, 0.9375)}
+
+
+def test_run_length_times_warm_runs_and_pairs_them():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, min_iters=6,
+                        max_iters=6, seconds=0, run_length=3)
+    assert len(times["a"]) == len(times["b"]) == 6
+    # warm-up a b, then per round: one uncounted call + 3 timed calls of each model
+    assert calls == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2
+    with pytest.raises(ValueError):
+        interleaved({"a": lambda: None}, run_length=0)

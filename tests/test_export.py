@@ -70,7 +70,7 @@ def test_block_granularity_exports_block_and_shrinks(tmp_path):
                                                                    "weights.safetensors"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "fused"])
 @pytest.mark.parametrize("variant", ["sparse", "dense"])
 def test_round_trip_through_files_and_checkpoint(tmp_path, backend, variant):
     model, ckpt, path = _checkpoint(tmp_path, granularity="block")

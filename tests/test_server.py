@@ -259,12 +259,13 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(export_dir):
     assert result["r"].status_code == 200 and not thread.is_alive()
 
 
-def test_onnxruntime_backend_serves_the_same_predictions(export_dir):
-    with TestClient(_app(export_dir, backend="onnxruntime")) as ort_client, TestClient(_app(export_dir)) as torch_client:
+@pytest.mark.parametrize("backend", ["onnxruntime", "fused"])
+def test_cpu_backends_serve_the_same_predictions(export_dir, backend):
+    with TestClient(_app(export_dir, backend=backend)) as other_client, TestClient(_app(export_dir)) as torch_client:
         body = _png(5)
-        a = ort_client.post("/classify?top_k=10", content=body).json()
+        a = other_client.post("/classify?top_k=10", content=body).json()
         b = torch_client.post("/classify?top_k=10", content=body).json()
-        assert a["model"]["backend"] == "onnxruntime" and b["model"]["backend"] == "torch"
+        assert a["model"]["backend"] == backend and b["model"]["backend"] == "torch"
         pa = {s["class_id"]: s["probability"] for s in a["predictions"][0]["top_k"]}
         pb = {s["class_id"]: s["probability"] for s in b["predictions"][0]["top_k"]}
         assert max(abs(pa[c] - pb[c]) for c in range(10)) < 1e-5

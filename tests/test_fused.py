@@ -1,0 +1,58 @@
+"""The fused (numba) CPU kernel computes exactly the packed network, for every layer format and shape."""
+import numpy as np
+import pytest
+import torch
+
+from g2gserve.formats import densify, pack_model
+from g2gserve.models import build_model
+from g2gserve.runtime import load
+from g2gserve.runtime_fused import FusedNet
+
+from conftest import tiny_config
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**kw)).eval()
+    with torch.no_grad():  # non-zero biases, so a bias bug cannot hide
+        for layer in model.hidden:
+            layer.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kw,fmt", [
+    (dict(granularity="block"), "auto"),           # block tiles of 8
+    (dict(granularity="block", block_size=16), "auto"),
+    (dict(granularity="block", hidden=(64,)), "auto"),  # a single hidden layer
+    (dict(granularity="edge"), "csr"),             # CSR layers run densified
+    (dict(kind="dense"), "auto"),
+    (dict(in_channels=3, image_size=32, granularity="block"), "auto"),
+])
+def test_matches_pytorch_at_every_batch_size(kw, fmt):
+    model = _model(**kw)
+    packed = pack_model(model, fmt)
+    for net in (FusedNet(packed), FusedNet(densify(packed))):
+        for batch in (1, 3, 4, 7, 64):  # 4-row blocks and every remainder
+            x = torch.randn(batch, *packed.input_shape)
+            with torch.no_grad():
+                err = (torch.from_numpy(net(x.numpy())) - model(x)).abs().max().item()
+            assert err < 1e-4, (kw, fmt, batch, err)
+
+
+def test_dense_layers_run_as_one_tile_row_per_output_tile():
+    net = FusedNet(densify(pack_model(_model(granularity="block"), "auto")))
+    for blocks, idx in zip(net.blocks, net.idxs):
+        n_in = idx.shape[1]
+        assert (idx == np.arange(n_in)).all() and blocks.shape[1] == n_in * net.tiles[0]
+
+
+def test_bad_input_is_refused():
+    net = FusedNet(pack_model(_model(granularity="block"), "auto"))
+    with pytest.raises(ValueError, match=r"expected input \(N, 1, 28, 28\)"):
+        net(np.zeros((2, 3, 28, 28), np.float32))
+
+
+def test_runs_on_cpu_only(tmp_path):
+    for backend in ("fused", "onnxruntime"):
+        with pytest.raises(ValueError, match=f"the {backend} backend runs on the CPU"):
+            load(tmp_path, backend=backend, device="cuda")
