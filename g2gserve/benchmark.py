@@ -135,3 +135,33 @@ def peak_memory(model: str, backend: str, variant: str, batch: int, device: str 
 
 def as_dict(latency: Latency) -> dict:
     return asdict(latency)
+
+
+def ort_node_profile(onnx_path: str, batch: int, input_shape: tuple[int, ...], threads: int = 1, runs: int = 200,
+                     skip: int = 50) -> dict:
+    """Where onnxruntime spends a forward pass: median microseconds per node, summed per op type, next to the
+    median of the whole run (the difference is per-node and per-run overhead). Uses onnxruntime's profiler."""
+    import tempfile
+
+    import numpy as np
+
+    from .export import ort_session
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort_session(onnx_path, threads, profile_prefix=os.path.join(tmp, "ort"))
+        x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+        for _ in range(runs):
+            session.run(None, {"input": x})
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    per_node: dict[tuple[str, str], list[float]] = {}
+    model_runs = []
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node.setdefault((e["args"]["op_name"], e["name"]), []).append(e["dur"])
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            model_runs.append(e["dur"])
+    by_op: dict[str, float] = {}
+    for (op, _), durations in per_node.items():
+        by_op[op] = by_op.get(op, 0.0) + statistics.median(durations[skip:] or durations)
+    return {"batch": batch, "nodes": len(per_node), "run_us": statistics.median(model_runs[skip:] or model_runs),
+            "nodes_us": sum(by_op.values()), "by_op_us": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}

@@ -119,9 +119,11 @@ def parity_images(ckpt: Checkpoint, data_dir: str | Path | None = None, n: int =
         f"synthetic uniform images ({n}); pass --data-dir for real ones"
 
 
-def ort_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
+def ort_session(model: onnx.ModelProto | str | Path, threads: int | None = None, profile_prefix: str | None = None):
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads

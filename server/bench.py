@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from g2gserve.benchmark import Latency, as_dict, interleaved, machine_info, pairwise_speedup, peak_memory, pin_threads
+from g2gserve.benchmark import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
+                                peak_memory, pin_threads)
 from g2gserve.config import ModelConfig
+from g2gserve.export import read_export
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.models import build_model
@@ -159,6 +161,14 @@ def markdown(result: dict) -> str:
                 lines.append(f"| CUDA max allocated, {backend} | {s['cuda_max_allocated_bytes']:,} B | "
                              f"{d['cuda_max_allocated_bytes']:,} B | "
                              f"{s['cuda_max_allocated_bytes'] / d['cuda_max_allocated_bytes']:.3f}x |")
+    if result.get("profile"):
+        lines += ["", "onnxruntime node profile (median per node, summed by op type; overhead = run minus node kernels):", "",
+                  "| graph | batch | nodes | run (us) | node kernels (us) | overhead (us) | by op type (us) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["profile"]:
+            ops = ", ".join(f"{op} {us:.0f}" for op, us in r["by_op_us"].items())
+            lines.append(f"| {r['graph']} | {r['batch']} | {r['nodes']} | {r['run_us']:.0f} | {r['nodes_us']:.0f} | "
+                         f"{r['run_us'] - r['nodes_us']:.0f} | {ops} |")
     if result.get("sweep"):
         rows = result["sweep"]
         batches = sorted({r["batch"] for r in rows})
@@ -223,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the other model evicted its weights from the caches); N > 1 times N warm calls per switch "
                         "(the first call after a switch is not counted), like a server that runs one model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile model.onnx and dense.onnx node by node with onnxruntime's profiler "
+                        "(export directory only): where the time goes, per op type")
     p.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
     return p
 
@@ -244,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("batch sizes, --threads and --run-length must be positive")
     if args.model is not None and not args.model.exists():
         parser.error(f"{args.model}: no such export directory or checkpoint")
+    if args.profile and (args.model is None or not args.model.is_dir()):
+        parser.error("--profile needs an export directory (it profiles its model.onnx and dense.onnx)")
     cores = pin_threads(args.threads)
     result = {"command": "g2g-bench " + " ".join(argv), "machine": machine_info(), "device": args.device,
               "threads": args.threads, "run_length": args.run_length, "pinned_cores": cores, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -251,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
                                   args.seconds, memory=not args.no_memory, run_length=args.run_length)
+        if args.profile:
+            shape = tuple(read_export(args.model)[0].input_shape)
+            result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}
+                                 for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
         if args.sweep:
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
     except (ValueError, RuntimeError, OSError) as e:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from g2gserve.benchmark import Latency, interleaved, pairwise_speedup, peak_memory
+from g2gserve.export import export_checkpoint
 from server.bench import break_even, main
 
 from test_export import _checkpoint
@@ -98,3 +99,19 @@ def test_run_length_times_warm_runs_and_pairs_them():
     assert calls == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2
     with pytest.raises(ValueError):
         interleaved({"a": lambda: None}, run_length=0)
+
+
+def test_onnxruntime_node_profile(tmp_path, capsys):
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    export_checkpoint(path, tmp_path / "exp")
+    assert main([str(tmp_path / "exp"), "--batch-sizes", "2", "--backends", "onnxruntime", "--seconds", "0.05",
+                 "--no-memory", "--profile", "--out", str(tmp_path / "b")]) == 0
+    prof = json.loads((tmp_path / "b" / "bench.json").read_text())["profile"]
+    assert [p["graph"] for p in prof] == ["model.onnx", "dense.onnx"]
+    sparse, dense = prof
+    assert "Gather" in sparse["by_op_us"] and "Gather" not in dense["by_op_us"]
+    assert sparse["nodes"] > dense["nodes"] and 0 < sparse["nodes_us"] and sparse["run_us"] > 0
+    assert "node profile" in (tmp_path / "b" / "bench.md").read_text()
+    with pytest.raises(SystemExit):
+        main([str(path), "--profile"])
+    assert "needs an export directory" in capsys.readouterr().err
