@@ -26,6 +26,7 @@ def _model(**kw):
     (dict(granularity="block", hidden=(64,)), "auto"),  # a single hidden layer
     (dict(granularity="edge"), "csr"),             # CSR layers run densified
     (dict(kind="dense"), "auto"),
+    (dict(kind="dense-params"), "auto"),           # 23 units: tiles of 1, odd output counts
     (dict(in_channels=3, image_size=32, granularity="block"), "auto"),
 ])
 def test_matches_pytorch_at_every_batch_size(kw, fmt):
