@@ -13,10 +13,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -141,11 +143,7 @@ def ort_node_profile(onnx_path: str, batch: int, input_shape: tuple[int, ...], t
                      skip: int = 50) -> dict:
     """Where onnxruntime spends a forward pass: median microseconds per node, summed per op type, next to the
     median of the whole run (the difference is per-node and per-run overhead). Uses onnxruntime's profiler."""
-    import tempfile
-
-    import numpy as np
-
-    from .export import ort_session
+    from .export import ort_session  # onnx/onnxruntime: only when profiling
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(onnx_path, threads, profile_prefix=os.path.join(tmp, "ort"))
         x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)

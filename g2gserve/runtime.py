@@ -5,8 +5,8 @@
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU loop nest over the live tiles (numba; fastest at small batches, single-threaded). ``variant="dense"`` loads the dense twin of the same
-function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
+CPU function over the live tiles (numba; fastest at small batches, single-threaded). ``variant="dense"``
+loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
 """
 from __future__ import annotations
 

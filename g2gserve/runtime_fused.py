@@ -26,17 +26,14 @@ import torch
 
 from .formats import PackedLayer, PackedNet
 
-try:  # numba is a dependency; the import is guarded so the rest of the package works without it
-    import numba
-except ImportError:  # pragma: no cover - exercised only in broken installs
-    numba = None
+import numba  # imported only when the fused backend is asked for (runtime.load imports this module lazily)
 
 
 SMALL_BATCH = 4  # below this many rows a layer streams its weights once per row (_block_layer_rows)
 
 
 def _njit(fn):
-    return numba.njit(fastmath=True, cache=True, nogil=True)(fn) if numba is not None else fn
+    return numba.njit(fastmath=True, cache=True, nogil=True)(fn)
 
 
 @_njit
@@ -216,36 +213,33 @@ def _tile_size(layer: PackedLayer) -> int:
     return max(d for d in (64, 32, 16, 8, 4, 2, 1) if g % d == 0)
 
 
-def _as_blocks(layer: PackedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(blocks [O, K*t, t], idx [O, K], bias, t) of any packed layer."""
+def _as_blocks(layer: PackedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(blocks [O, K*t, t], idx [O, K], bias) of any packed layer."""
     if layer.format == "block":
         t = layer.tensors
-        return (t["blocks"].numpy(), t["idx"].numpy().astype(np.int64), t["bias"].numpy(), layer.block_size)
+        return t["blocks"].numpy(), t["idx"].numpy().astype(np.int64), t["bias"].numpy()
     size = _tile_size(layer)
     w = layer.dense_weight()  # [out, in]
     n_out, n_in = layer.out_features // size, layer.in_features // size
     blocks = w.view(n_out, size, n_in * size).transpose(1, 2)  # [O, in, t]: every input tile live, in order
     idx = np.tile(np.arange(n_in, dtype=np.int64), (n_out, 1))
-    return blocks.contiguous().numpy(), idx, layer.tensors["bias"].numpy(), size
+    return blocks.contiguous().numpy(), idx, layer.tensors["bias"].numpy()
 
 
 class FusedNet:
     """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through ``_forward``."""
 
     def __init__(self, packed: PackedNet):
-        if numba is None:
-            raise RuntimeError("the fused backend needs numba (pip install numba)")
         if not packed.layers:
             raise ValueError("the fused backend needs at least one hidden layer")
         as_f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         layers = [_as_blocks(l) for l in packed.layers]
         # Both layouts (the weights are small): [O, k*t, t] streams best at batch < SMALL_BATCH; in
         # [O, t, k*t] row j of a tile-row is output unit j's weights, for the dot products of larger batches.
-        self.blocks = tuple(as_f32(b) for b, _, _, _ in layers)
-        self.blocks_t = tuple(as_f32(b.transpose(0, 2, 1)) for b, _, _, _ in layers)
-        self.idxs = tuple(np.ascontiguousarray(i) for _, i, _, _ in layers)
-        self.biases = tuple(as_f32(b) for _, _, b, _ in layers)
-        self.tiles = tuple(int(t) for _, _, _, t in layers)
+        self.blocks = tuple(as_f32(b) for b, _, _ in layers)
+        self.blocks_t = tuple(as_f32(b.transpose(0, 2, 1)) for b, _, _ in layers)
+        self.idxs = tuple(np.ascontiguousarray(i) for _, i, _ in layers)
+        self.biases = tuple(as_f32(b) for _, _, b in layers)
         conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
         self.conv_w = as_f32(torch.nn.functional.pad(conv, (0, -conv.shape[1] % 8)).numpy())  # (C_out, K8)
         self.conv_b = as_f32(packed.conv_bias.numpy())
@@ -257,8 +251,8 @@ class FusedNet:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
-        return _forward(x, self.conv_w, self.conv_b, self.patch_size, self.blocks, self.blocks_t, self.idxs, self.biases,
-                        self.head_w, self.head_b)
+        return _forward(x, self.conv_w, self.conv_b, self.patch_size, self.blocks, self.blocks_t, self.idxs,
+                        self.biases, self.head_w, self.head_b)
 
 
 def fused_runner(packed: PackedNet):

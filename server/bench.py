@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--profile needs an export directory (it profiles its model.onnx and dense.onnx)")
     cores = pin_threads(args.threads)
     result = {"command": "g2g-bench " + " ".join(argv), "machine": machine_info(), "device": args.device,
-              "threads": args.threads, "run_length": args.run_length, "pinned_cores": cores, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "threads": args.threads, "run_length": args.run_length, "pinned_cores": cores,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         if args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,

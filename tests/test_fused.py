@@ -44,7 +44,7 @@ def test_dense_layers_run_as_one_tile_row_per_output_tile():
     net = FusedNet(densify(pack_model(_model(granularity="block"), "auto")))
     for blocks, idx in zip(net.blocks, net.idxs):
         n_in = idx.shape[1]
-        assert (idx == np.arange(n_in)).all() and blocks.shape[1] == n_in * net.tiles[0]
+        assert (idx == np.arange(n_in)).all() and blocks.shape[1] == n_in * blocks.shape[2]
 
 
 def test_bad_input_is_refused():
