@@ -2,34 +2,116 @@
 
 Why: at small batches a block-sparse layer's arithmetic is tiny, and onnxruntime and torch spend as
 long on the ~10 small ops around each batched matmul (gather, reshapes, transposes, bias, ReLU) and
-on intermediate tensors as on the matmul itself. Here one ``@njit`` function runs the encoder, every
-block layer and the head, with bias and ReLU applied as each output is written:
+on intermediate tensors as on the matmul itself; at large batches what counts is how close each
+multiply-add runs to the machine's peak. Here one ``@njit`` function runs the encoder, every layer and
+the head, and every one of them is the same loop over *panels*:
 
-* batches of 4 rows or more: per output tile, the rows' live input tiles are gathered four rows at a
-  time into a small buffer that stays in L1, and each output unit pair is a dot product over it, so six
-  vector loads feed eight FMAs and the sums stay in registers (``_rows4``);
-* fewer rows: each output tile's weights are read as one sequential stream (layout [k*t, t]) while each
-  input value is multiplied into t running sums; at batch 1 the weights come from memory, and a long
-  stream is what the hardware prefetcher serves best (``_block_layer_rows``).
+* a layer's weights are stored, per output tile, as panels of 16 output units: for each live input
+  unit the panel holds those 16 weights side by side ([k*t_in, 16], zero-padded past the tile's end),
+  so a panel is one sequential stream and no input is ever gathered or copied;
+* up to 6 rows at a time, a micro-kernel written directly in LLVM IR (``_micro_kernel``) keeps the
+  6 x 16 sums in 12 vector registers and, per input unit, loads the panel row (2 vectors), broadcasts
+  each row's input value and issues 12 fused multiply-adds: the layout of a tuned GEMM micro-kernel,
+  with no horizontal sums and no C compiler (numba's LLVM compiles it for the CPU it runs on);
+* bias and ReLU are applied as the sums are written out.
 
-Only live tiles are stored and read, so compute and memory traffic shrink with the density. Every layer
-runs in block form: dense layers (the dense twin) as tile-rows with every input tile live, so sparse
-and dense are timed with the same kernel. CSR layers run densified (same function; no CSR kernel here).
+Only live tiles are stored and read, so compute and memory traffic shrink with the density. Dense
+layers (the encoder's patch conv, the head, every layer of the dense twin) are panels over one input
+tile spanning all inputs, so sparse and dense run on the same kernel. CSR layers run densified.
 The first call compiles (seconds); numba caches the machine code on disk for later processes.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+from llvmlite import ir
 
 from .formats import PackedLayer, PackedNet
 
 import numba  # imported only when the fused backend is asked for (runtime.load imports this module lazily)
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 
-SMALL_BATCH = 4  # below this many rows a layer streams its weights once per row (_block_layer_rows)
+PANEL = 16     # output units per panel: two 8-float vectors
+MAX_ROWS = 6   # rows per micro-kernel call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 registers
+
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_VEC = ir.VectorType(_F32, 8)
+_FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the CPU has it
+
+
+def _micro_kernel(rows: int):
+    """acc[r, 0:16] = sum over live input tiles kk < k and units i < t of
+    x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + 16*(kk*t + i) : +16], for r < rows.
+
+    The loops are emitted in LLVM IR with explicit 8-float vectors because numba's auto-vectoriser
+    vectorises the i loop instead (strided loads, sums spilled to the stack) whatever the source says.
+    The sums stay in registers over all live tiles and are stored to ``acc`` (float32[6*16]) at the end.
+    With few rows there are too few independent sums to hide the FMA latency, so consecutive inputs go
+    to ``splits`` separate sets of sums, added up at the end."""
+    splits = max(1, min(4, 10 // (2 * rows)))  # >= ~10 independent FMA chains where registers allow
+
+    @intrinsic
+    def kernel(typingctx, w, w_off, x, x_off, ldx, tiles, k, t, acc):
+        arrays = {w: types.float32, x: types.float32, tiles: types.intp, acc: types.float32}
+        if not all(isinstance(a, types.Array) and a.dtype == d and a.layout == "C" for a, d in arrays.items()):
+            raise numba.core.errors.TypingError("micro-kernel: w, x, acc must be C-contiguous float32, tiles intp")
+        if not all(isinstance(i, types.Integer) for i in (w_off, x_off, ldx, k, t)):
+            raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
+
+        def codegen(context, builder, signature, args):
+            w_off_v, x_off_v, ldx_v, k_v, t_v = (context.cast(builder, args[i], signature.args[i], types.intp)
+                                                 for i in (1, 3, 4, 6, 7))
+            intp = context.get_value_type(types.intp)
+            const = lambda v: ir.Constant(intp, v)  # noqa: E731
+            data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
+            at = lambda p, off: builder.gep(p, [off], source_etype=_F32)  # noqa: E731
+            load_vec = lambda p: builder.load(builder.bitcast(p, _VEC.as_pointer()), typ=_VEC, align=4)  # noqa: E731
+            vec_slot = lambda: cgutils.alloca_once(builder, _VEC)  # promoted to registers by LLVM  # noqa: E731
+            x_base, tiles_ptr, acc_base = at(data(2), x_off_v), data(5), data(8)
+            zero = ir.Constant(_VEC, [0.0] * 8)
+            sets = [[vec_slot() for _ in range(2 * rows)] for _ in range(splits)]
+            for slot in (s for slots in sets for s in slots):
+                builder.store(zero, slot)
+            undef = ir.Constant(_VEC, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+
+            def step(w_base, x_rows, i, slots):  # slots[2r + c] += x[r, i] * w[i, 8c : 8c + 8]
+                w_row = at(w_base, builder.mul(i, const(PANEL)))
+                w_vecs = (load_vec(w_row), load_vec(at(w_row, const(8))))
+                for r in range(rows):
+                    value = builder.load(at(x_rows[r], i), typ=_F32)
+                    bcast = builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)),
+                                                   undef, splat)
+                    for c, w_vec in enumerate(w_vecs):
+                        slot = slots[2 * r + c]
+                        total = builder.fadd(builder.load(slot, typ=_VEC), builder.fmul(bcast, w_vec, flags=_FAST),
+                                             flags=_FAST)
+                        builder.store(total, slot)
+
+            main = builder.udiv(t_v, const(splits)) if splits > 1 else t_v
+            with cgutils.for_range(builder, k_v) as tile:
+                w_base = at(data(0), builder.add(w_off_v, builder.mul(tile.index, builder.mul(t_v, const(PANEL)))))
+                src = builder.mul(builder.load(builder.gep(tiles_ptr, [tile.index], source_etype=intp), typ=intp), t_v)
+                x_rows = [at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)]
+                with cgutils.for_range(builder, main) as loop:
+                    for s_, slots in enumerate(sets):
+                        step(w_base, x_rows, builder.add(builder.mul(loop.index, const(splits)), const(s_)), slots)
+                if splits > 1:
+                    with cgutils.for_range(builder, builder.sub(t_v, builder.mul(main, const(splits)))) as loop:
+                        step(w_base, x_rows, builder.add(builder.mul(main, const(splits)), loop.index), sets[0])
+            for j, slot in enumerate(sets[0]):
+                total = builder.load(slot, typ=_VEC)
+                for extra in sets[1:]:
+                    total = builder.fadd(total, builder.load(extra[j], typ=_VEC), flags=_FAST)
+                builder.store(total, builder.bitcast(at(acc_base, const(8 * j)), _VEC.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(w, w_off, x, x_off, ldx, tiles, k, t, acc), codegen
+    return kernel
+
+
+_K1, _K2, _K3, _K4, _K5, _K6 = (_micro_kernel(r) for r in range(1, MAX_ROWS + 1))
 
 
 def _njit(fn):
@@ -37,9 +119,56 @@ def _njit(fn):
 
 
 @_njit
+def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, acc):
+    """The micro-kernel for 1..6 rows (each row count is its own unrolled kernel)."""
+    if rows == 6:
+        _K6(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+    elif rows == 5:
+        _K5(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+    elif rows == 4:
+        _K4(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+    elif rows == 3:
+        _K3(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+    elif rows == 2:
+        _K2(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+    else:
+        _K1(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+
+
+@_njit
+def _panel_layer(x, weights, tiles, m, out, relu):
+    """out = act(x @ W.T + bias) for the layer described by m, a row of ``FusedNet.meta``: output tile o
+    (t_out units) reads its k live input tiles tiles[tiles_off + o*k ...] (t_in units each); its panel c,
+    at weights[w_off + (o * C + c) * k * t_in * 16], holds units o*t_out + 16c .. +16. Rows are split
+    into near-equal chunks of at most 6 (64 = 9 x 6 + 2 x 5)."""
+    w_off, b_off, t_off, n_tiles, k, t_in, t_out = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
+    n, ldx = x.shape
+    n_panels = (t_out + PANEL - 1) // PANEL
+    panel_size = k * t_in * PANEL
+    flat = x.reshape(-1)
+    acc = np.empty(MAX_ROWS * PANEL, np.float32)
+    chunks = (n + MAX_ROWS - 1) // MAX_ROWS
+    for o in range(n_tiles):
+        live = tiles[t_off + o * k:t_off + (o + 1) * k]
+        for c in range(n_panels):
+            col = o * t_out + c * PANEL
+            width = min(PANEL, t_out - c * PANEL, out.shape[1] - col)
+            base = w_off + (o * n_panels + c) * panel_size
+            b0 = 0
+            for chunk in range(chunks):
+                rows = n // chunks + (1 if chunk < n % chunks else 0)
+                _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, acc)
+                for r in range(rows):
+                    for j in range(width):
+                        v = acc[r * PANEL + j] + weights[b_off + col + j]
+                        out[b0 + r, col + j] = max(v, 0.0) if relu else v
+                b0 += rows
+
+
+@_njit
 def _patches(x, p, out):
-    """Every p x p patch of x as one row of ``out`` (N * patches, >= C*p*p; the padding stays zero), in
-    (image, patch row, patch column) order, copied one image row segment at a time."""
+    """Every p x p patch of x as one row of ``out`` (N * patches, C*p*p), in (image, patch row, patch
+    column) order, copied one image row segment at a time."""
     n, channels, size = x.shape[0], x.shape[1], x.shape[2]
     grid = size // p
     for b in range(n):
@@ -53,206 +182,92 @@ def _patches(x, p, out):
 
 
 @_njit
-def _encoder(x, w, bias, p, out):
-    """Patch conv (kernel = stride = p) + ReLU as a (patches x C*p*p) . (C*p*p x C_out) product. Row r of
-    ``out`` viewed as (N * patches, C_out) is patch r, the model's (N, patch * C_out + c) feature order.
-    ``w`` is (C_out, K) with K = C*p*p rounded up to a multiple of 8 (zero columns), so the dot products
-    run on whole vectors."""
-    grid = x.shape[2] // p
-    patches = np.zeros((x.shape[0] * grid * grid, w.shape[1]), np.float32)
+def _forward(x, p, weights, tiles, meta):
+    """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU)."""
+    n, grid = x.shape[0], x.shape[2] // p
+    patches = np.empty((n * grid * grid, x.shape[1] * p * p), np.float32)
     _patches(x, p, patches)
-    rows = out.reshape(patches.shape[0], w.shape[0])
-    r0 = 0
-    while r0 + 4 <= rows.shape[0]:
-        _rows4(patches, w, r0, bias, 0, rows)
-        r0 += 4
-    while r0 < rows.shape[0]:
-        _row_cols(patches[r0], w, 0, w.shape[0], bias, 0, rows[r0])
-        r0 += 1
-
-
-@_njit
-def _rows4(g, wt, b0, bias, col, out):
-    """out[b0:b0+4, col:col+t] = relu(g[b0:b0+4] @ wt.T + bias): dot products over the gathered inputs,
-    4 rows x 2 outputs at a time, so 6 vector loads feed 8 FMAs and the 8 sums stay in registers."""
-    t, width = wt.shape
-    g0, g1, g2, g3 = g[b0], g[b0 + 1], g[b0 + 2], g[b0 + 3]
-    for j in range(0, t - 1, 2):
-        w0, w1 = wt[j], wt[j + 1]
-        s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
-        for i in range(width):
-            a0, a1, a2, a3, c0, c1 = g0[i], g1[i], g2[i], g3[i], w0[i], w1[i]
-            s00 += a0 * c0
-            s01 += a0 * c1
-            s10 += a1 * c0
-            s11 += a1 * c1
-            s20 += a2 * c0
-            s21 += a2 * c1
-            s30 += a3 * c0
-            s31 += a3 * c1
-        b_0, b_1 = bias[col + j], bias[col + j + 1]
-        out[b0, col + j], out[b0, col + j + 1] = max(s00 + b_0, 0.0), max(s01 + b_1, 0.0)
-        out[b0 + 1, col + j], out[b0 + 1, col + j + 1] = max(s10 + b_0, 0.0), max(s11 + b_1, 0.0)
-        out[b0 + 2, col + j], out[b0 + 2, col + j + 1] = max(s20 + b_0, 0.0), max(s21 + b_1, 0.0)
-        out[b0 + 3, col + j], out[b0 + 3, col + j + 1] = max(s30 + b_0, 0.0), max(s31 + b_1, 0.0)
-    if t % 2:
-        for r in range(4):
-            _row_cols(g[b0 + r], wt, t - 1, t, bias, col, out[b0 + r])
-
-
-@_njit
-def _row_cols(x, wt, j_start, j_end, bias, col, out_row):
-    """One row, outputs j_start..j_end-1, four at a time (one vector load of x feeds four FMAs)."""
-    width = wt.shape[1]
-    j = j_start
-    while j + 4 <= j_end:
-        w0, w1, w2, w3 = wt[j], wt[j + 1], wt[j + 2], wt[j + 3]
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for i in range(width):
-            a = x[i]
-            s0 += a * w0[i]
-            s1 += a * w1[i]
-            s2 += a * w2[i]
-            s3 += a * w3[i]
-        out_row[col + j] = max(s0 + bias[col + j], 0.0)
-        out_row[col + j + 1] = max(s1 + bias[col + j + 1], 0.0)
-        out_row[col + j + 2] = max(s2 + bias[col + j + 2], 0.0)
-        out_row[col + j + 3] = max(s3 + bias[col + j + 3], 0.0)
-        j += 4
-    while j < j_end:
-        w0 = wt[j]
-        s = np.float32(0.0)
-        for i in range(width):
-            s += x[i] * w0[i]
-        out_row[col + j] = max(s + bias[col + j], 0.0)
-        j += 1
-
-
-@_njit
-def _gather(x, b0, rows, idx_o, t, g):
-    """Copy the live input tiles idx_o of rows b0.. of x side by side into g (a few KB: stays in L1)."""
-    for r in range(rows):
-        xr, gr = x[b0 + r], g[r]
-        for kk in range(idx_o.shape[0]):
-            src = idx_o[kk] * t
-            xs, gs = xr[src:src + t], gr[kk * t:(kk + 1) * t]
-            for i in range(t):
-                gs[i] = xs[i]
-
-
-@_njit
-def _block_layer(x, wts, idx, bias, out, g):
-    """out = relu(x @ W.T + bias) for a layer stored as live tiles: wts[o] is output tile o's (t, k*t)
-    weight over its k live input tiles idx[o]. Four rows at a time, the tiles are gathered into ``g``
-    (4 x k*t), then output tile o of those rows is a dense (4 x k*t) . (k*t x t) product."""
-    n, n_out, t = x.shape[0], idx.shape[0], wts.shape[1]
-    for o in range(n_out):
-        wt, col, b0 = wts[o], o * t, 0
-        while b0 + 4 <= n:
-            _gather(x, b0, 4, idx[o], t, g)
-            _rows4(g, wt, 0, bias, col, out[b0:b0 + 4])
-            b0 += 4
-        while b0 < n:
-            _gather(x, b0, 1, idx[o], t, g)
-            _row_cols(g[0], wt, 0, t, bias, col, out[b0])
-            b0 += 1
-
-
-@_njit
-def _block_layer_rows(x, blocks, idx, bias, out, acc):
-    """The same layer for a few rows: blocks[o] is (k*t, t) (input unit major), read as one sequential
-    stream per output tile while each input value is multiplied into the t running sums. At batch 1 the
-    weights come from memory, not cache, and one long stream is what the hardware prefetcher follows best."""
-    n, n_out, t = x.shape[0], idx.shape[0], blocks.shape[2]
-    for o in range(n_out):
-        col = o * t
-        for b in range(n):
-            for j in range(t):
-                acc[j] = bias[col + j]
-            for kk in range(idx.shape[1]):
-                xs = x[b, idx[o, kk] * t:(idx[o, kk] + 1) * t]
-                for i in range(t):
-                    v, w = xs[i], blocks[o, kk * t + i]
-                    for j in range(t):
-                        acc[j] += v * w[j]
-            for j in range(t):
-                out[b, col + j] = max(acc[j], 0.0)
-
-
-@_njit
-def _head(x, w, bias, out):
-    for b in range(x.shape[0]):
-        for c in range(w.shape[0]):
-            s = bias[c]
-            for f in range(x.shape[1]):
-                s += x[b, f] * w[c, f]
-            out[b, c] = s
-
-
-@_njit
-def _forward(x, conv_w, conv_b, p, blocks, blocks_t, idxs, biases, head_w, head_b):
-    n = x.shape[0]
-    h = np.empty((n, conv_w.shape[0] * (x.shape[2] // p) ** 2), np.float32)
-    _encoder(x, conv_w, conv_b, p, h)
-    for li in range(len(blocks)):
-        wts, idx = blocks_t[li], idxs[li]
-        out = np.empty((n, idx.shape[0] * wts.shape[1]), np.float32)
-        if n < SMALL_BATCH:
-            _block_layer_rows(h, blocks[li], idx, biases[li], out, np.empty(wts.shape[1], np.float32))
-        else:
-            _block_layer(h, wts, idx, biases[li], out, np.empty((4, wts.shape[2]), np.float32))
+    h = np.empty((n * grid * grid, meta[0, 7]), np.float32)
+    _panel_layer(patches, weights, tiles, meta[0], h, True)
+    h = h.reshape(n, grid * grid * meta[0, 7])  # one image per row, the model's (N, patch * C_out + c) order
+    last = meta.shape[0] - 1
+    for li in range(1, last + 1):
+        out = np.empty((n, meta[li, 7]), np.float32)
+        _panel_layer(h, weights, tiles, meta[li], out, li < last)
         h = out
-    logits = np.empty((n, head_w.shape[0]), np.float32)
-    _head(h, head_w, head_b, logits)
-    return logits
+    return h
 
 
-def _tile_size(layer: PackedLayer) -> int:
-    """Tile size for running a dense layer in block form: the largest of 64, 32, ... dividing both widths."""
-    g = math.gcd(layer.in_features, layer.out_features)
-    return max(d for d in (64, 32, 16, 8, 4, 2, 1) if g % d == 0)
+def _panels(blocks: np.ndarray, t_out: int) -> np.ndarray:
+    """[O, K, t_out] (per output tile, input unit major) -> flat [O, ceil(t_out/16), K, 16], zero-padded."""
+    n_tiles, k, _ = blocks.shape
+    n_panels = -(-t_out // PANEL)
+    out = np.zeros((n_tiles, n_panels, k, PANEL), np.float32)
+    for c in range(n_panels):
+        width = min(PANEL, t_out - c * PANEL)
+        out[:, c, :, :width] = blocks[:, :, c * PANEL:c * PANEL + width]
+    return out.reshape(-1)
 
 
-def _as_blocks(layer: PackedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(blocks [O, K*t, t], idx [O, K], bias) of any packed layer."""
-    if layer.format == "block":
-        t = layer.tensors
-        return t["blocks"].numpy(), t["idx"].numpy().astype(np.int64), t["bias"].numpy()
-    size = _tile_size(layer)
-    w = layer.dense_weight()  # [out, in]
-    n_out, n_in = layer.out_features // size, layer.in_features // size
-    blocks = w.view(n_out, size, n_in * size).transpose(1, 2)  # [O, in, t]: every input tile live, in order
-    idx = np.tile(np.arange(n_in, dtype=np.int64), (n_out, 1))
-    return blocks.contiguous().numpy(), idx, layer.tensors["bias"].numpy()
+def _dense(weight: np.ndarray, bias: np.ndarray) -> tuple:
+    """A dense [out, in] weight as panels over one input tile spanning all inputs."""
+    n_out, n_in = weight.shape
+    n_tiles = -(-n_out // PANEL)
+    padded = np.zeros((n_tiles * PANEL, n_in), np.float32)
+    padded[:n_out] = weight
+    blocks = padded.reshape(n_tiles, PANEL, n_in).transpose(0, 2, 1)  # [O, in, 16]
+    return _panels(blocks, PANEL), np.zeros((n_tiles, 1), np.int64), n_in, PANEL, bias, n_out
+
+
+def _layer(layer: PackedLayer) -> tuple:
+    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer."""
+    bias = layer.tensors["bias"].numpy()
+    if layer.format != "block":
+        return _dense(layer.dense_weight().numpy(), bias)
+    blocks, idx = layer.tensors["blocks"].numpy(), layer.tensors["idx"].numpy().astype(np.int64)
+    t = blocks.shape[2]  # blocks: [O, k*t, t], input unit major
+    return _panels(blocks, t), idx, t, t, bias, layer.out_features
+
+
+META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features")
 
 
 class FusedNet:
-    """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through ``_forward``."""
+    """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through ``_forward``.
+
+    All layers (encoder, hidden layers, head) live in one 64-byte-aligned float32 buffer ``weights``
+    (panels and biases, every segment starting on a cache line) and one int64 buffer ``tiles`` (live
+    input tiles), described by ``meta`` (one row per layer, columns ``META``): three arrays to pass per
+    call instead of tuples of ~20, which is most of numba's per-call cost at batch 1."""
 
     def __init__(self, packed: PackedNet):
         if not packed.layers:
             raise ValueError("the fused backend needs at least one hidden layer")
-        as_f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-        layers = [_as_blocks(l) for l in packed.layers]
-        # Both layouts (the weights are small): [O, k*t, t] streams best at batch < SMALL_BATCH; in
-        # [O, t, k*t] row j of a tile-row is output unit j's weights, for the dot products of larger batches.
-        self.blocks = tuple(as_f32(b) for b, _, _ in layers)
-        self.blocks_t = tuple(as_f32(b.transpose(0, 2, 1)) for b, _, _ in layers)
-        self.idxs = tuple(np.ascontiguousarray(i) for _, i, _ in layers)
-        self.biases = tuple(as_f32(b) for _, _, b in layers)
-        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
-        self.conv_w = as_f32(torch.nn.functional.pad(conv, (0, -conv.shape[1] % 8)).numpy())  # (C_out, K8)
-        self.conv_b = as_f32(packed.conv_bias.numpy())
-        self.head_w, self.head_b = as_f32(packed.head_weight.numpy()), as_f32(packed.head_bias.numpy())
+        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1).numpy()
+        layers = [_dense(conv, packed.conv_bias.numpy()), *(_layer(l) for l in packed.layers),
+                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy())]
+        line = 16  # floats per 64-byte cache line
+        segments, meta, size = [], [], 0
+        for li, (panels, idx, t_in, t_out, bias, width) in enumerate(layers):
+            w_off, b_off = size, size + -(-panels.size // line) * line
+            size = b_off + -(-bias.size // line) * line
+            segments += [(w_off, panels), (b_off, bias)]
+            meta.append((w_off, b_off, sum(l[1].size for l in layers[:li]), *idx.shape, t_in, t_out, width))
+        buffer = np.zeros(size + line, np.float32)
+        start = (-buffer.ctypes.data % 64) // 4
+        self.weights = buffer[start:start + size]
+        for off, values in segments:
+            self.weights[off:off + values.size] = values.reshape(-1)
+        self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
+        self.meta = np.array(meta, dtype=np.int64)
         self.patch_size = packed.patch_size
-        self.input_shape = packed.input_shape
+        self.input_shape = tuple(packed.input_shape)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+        if x.shape[1:] != self.input_shape:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
-        return _forward(x, self.conv_w, self.conv_b, self.patch_size, self.blocks, self.blocks_t, self.idxs,
-                        self.biases, self.head_w, self.head_b)
+        return _forward(x, self.patch_size, self.weights, self.tiles, self.meta)
 
 
 def fused_runner(packed: PackedNet):
@@ -262,5 +277,5 @@ def fused_runner(packed: PackedNet):
     net(np.zeros((1, *net.input_shape), np.float32))
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(net(x.detach().cpu().numpy()))
+        return torch.from_numpy(net(x.numpy(force=True)))  # force: detached, on the CPU (a no-op if so)
     return run

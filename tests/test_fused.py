@@ -6,7 +6,7 @@ import torch
 from g2gserve.formats import densify, pack_model
 from g2gserve.models import build_model
 from g2gserve.runtime import load
-from g2gserve.runtime_fused import FusedNet
+from g2gserve.runtime_fused import META, FusedNet
 
 from conftest import tiny_config
 
@@ -40,11 +40,18 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
             assert err < 1e-4, (kw, fmt, batch, err)
 
 
-def test_dense_layers_run_as_one_tile_row_per_output_tile():
-    net = FusedNet(densify(pack_model(_model(granularity="block"), "auto")))
-    for blocks, idx in zip(net.blocks, net.idxs):
-        n_in = idx.shape[1]
-        assert (idx == np.arange(n_in)).all() and blocks.shape[1] == n_in * blocks.shape[2]
+def test_dense_layers_are_panels_over_one_input_tile_spanning_all_inputs():
+    packed = pack_model(_model(granularity="block"), "auto")
+    sparse, dense = FusedNet(packed), FusedNet(densify(packed))
+    col = {name: i for i, name in enumerate(META)}
+    # rows: encoder, hidden layers, head; only the hidden layers differ, and only in their live input tiles
+    assert len(dense.meta) == len(sparse.meta) == len(packed.layers) + 2
+    for layer, d, s in zip(packed.layers, dense.meta[1:-1], sparse.meta[1:-1]):
+        assert d[col["k"]] == 1 and d[col["t_in"]] == layer.in_features
+        assert (dense.tiles[d[col["tiles_offset"]]:][:d[col["n_tiles"]]] == 0).all()
+        assert s[col["k"]] * s[col["t_in"]] == pytest.approx(layer.in_features * layer.density)  # only live tiles
+    for net in (sparse, dense):
+        assert net.weights.ctypes.data % 64 == 0 and (net.meta[:, :2] % 16 == 0).all()  # cache-line aligned
 
 
 def test_bad_input_is_refused():
