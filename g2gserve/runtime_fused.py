@@ -42,34 +42,37 @@ _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the 
 
 
 def _micro_kernel(rows: int):
-    """acc[r, 0:16] = sum over live input tiles kk < k and units i < t of
-    x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + 16*(kk*t + i) : +16], for r < rows.
+    """dest[dest_off + r*ld + 0:16] = max(bias + sum over live input tiles kk < k and units i < t of
+    x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + 16*(kk*t + i) : +16], lo) for r < rows, where
+    bias = w[b_off : b_off + 16] and lo is 0 (ReLU) or -inf (none).
 
     The loops are emitted in LLVM IR with explicit 8-float vectors because numba's auto-vectoriser
     vectorises the i loop instead (strided loads, sums spilled to the stack) whatever the source says.
-    The sums stay in registers over all live tiles and are stored to ``acc`` (float32[6*16]) at the end.
+    The sums stay in registers over all live tiles; bias and activation are applied on the way out, and
+    ``dest`` is the layer's output itself for whole panels, so a panel costs one call and nothing else.
     With few rows there are too few independent sums to hide the FMA latency, so consecutive inputs go
     to ``splits`` separate sets of sums, added up at the end."""
     splits = max(1, min(4, 10 // (2 * rows)))  # >= ~10 independent FMA chains where registers allow
 
     @intrinsic
-    def kernel(typingctx, w, w_off, x, x_off, ldx, tiles, k, t, acc):
-        arrays = {w: types.float32, x: types.float32, tiles: types.intp, acc: types.float32}
+    def kernel(typingctx, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
+        arrays = {w: types.float32, x: types.float32, tiles: types.intp, dest: types.float32}
         if not all(isinstance(a, types.Array) and a.dtype == d and a.layout == "C" for a, d in arrays.items()):
-            raise numba.core.errors.TypingError("micro-kernel: w, x, acc must be C-contiguous float32, tiles intp")
-        if not all(isinstance(i, types.Integer) for i in (w_off, x_off, ldx, k, t)):
+            raise numba.core.errors.TypingError("micro-kernel: w, x, dest must be C-contiguous float32, tiles intp")
+        if not all(isinstance(i, types.Integer) for i in (w_off, x_off, ldx, k, t, b_off, dest_off, ld)):
             raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
+        sig = types.void(w, w_off, x, x_off, ldx, tiles, k, t, b_off, types.float32, dest, dest_off, ld)
 
         def codegen(context, builder, signature, args):
-            w_off_v, x_off_v, ldx_v, k_v, t_v = (context.cast(builder, args[i], signature.args[i], types.intp)
-                                                 for i in (1, 3, 4, 6, 7))
+            w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v = (
+                context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4, 6, 7, 8, 11, 12))
             intp = context.get_value_type(types.intp)
             const = lambda v: ir.Constant(intp, v)  # noqa: E731
             data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
             at = lambda p, off: builder.gep(p, [off], source_etype=_F32)  # noqa: E731
             load_vec = lambda p: builder.load(builder.bitcast(p, _VEC.as_pointer()), typ=_VEC, align=4)  # noqa: E731
             vec_slot = lambda: cgutils.alloca_once(builder, _VEC)  # promoted to registers by LLVM  # noqa: E731
-            x_base, tiles_ptr, acc_base = at(data(2), x_off_v), data(5), data(8)
+            x_base, tiles_ptr = at(data(2), x_off_v), data(5)
             zero = ir.Constant(_VEC, [0.0] * 8)
             sets = [[vec_slot() for _ in range(2 * rows)] for _ in range(splits)]
             for slot in (s for slots in sets for s in slots):
@@ -101,13 +104,19 @@ def _micro_kernel(rows: int):
                 if splits > 1:
                     with cgutils.for_range(builder, builder.sub(t_v, builder.mul(main, const(splits)))) as loop:
                         step(w_base, x_rows, builder.add(builder.mul(main, const(splits)), loop.index), sets[0])
+            bias = at(data(0), b_off_v)
+            lo = builder.shuffle_vector(builder.insert_element(undef, args[9], ir.Constant(_I32, 0)), undef, splat)
             for j, slot in enumerate(sets[0]):
+                r, c = divmod(j, 2)
                 total = builder.load(slot, typ=_VEC)
                 for extra in sets[1:]:
                     total = builder.fadd(total, builder.load(extra[j], typ=_VEC), flags=_FAST)
-                builder.store(total, builder.bitcast(at(acc_base, const(8 * j)), _VEC.as_pointer()), align=4)
+                total = builder.fadd(total, load_vec(at(bias, const(8 * c))), flags=_FAST)
+                total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max, NaN kept
+                target = at(data(10), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(8 * c))))
+                builder.store(total, builder.bitcast(target, _VEC.as_pointer()), align=4)
             return context.get_dummy_value()
-        return types.void(w, w_off, x, x_off, ldx, tiles, k, t, acc), codegen
+        return sig, codegen
     return kernel
 
 
@@ -119,20 +128,20 @@ def _njit(fn):
 
 
 @_njit
-def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, acc):
+def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
     """The micro-kernel for 1..6 rows (each row count is its own unrolled kernel)."""
     if rows == 6:
-        _K6(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K6(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
     elif rows == 5:
-        _K5(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K5(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
     elif rows == 4:
-        _K4(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K4(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
     elif rows == 3:
-        _K3(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K3(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
     elif rows == 2:
-        _K2(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K2(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
     else:
-        _K1(w, w_off, x, x_off, ldx, tiles, k, t, acc)
+        _K1(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
 
 
 @_njit
@@ -145,40 +154,46 @@ def _panel_layer(x, weights, tiles, m, out, relu):
     n, ldx = x.shape
     n_panels = (t_out + PANEL - 1) // PANEL
     panel_size = k * t_in * PANEL
-    flat = x.reshape(-1)
-    acc = np.empty(MAX_ROWS * PANEL, np.float32)
+    flat, dest = x.reshape(-1), out.reshape(-1)
+    ldo = out.shape[1]
+    acc = np.empty(MAX_ROWS * PANEL, np.float32)  # for panels cut short by the tile or layer end
+    lo = np.float32(0.0) if relu else np.float32(-np.inf)
     chunks = (n + MAX_ROWS - 1) // MAX_ROWS
     for o in range(n_tiles):
         live = tiles[t_off + o * k:t_off + (o + 1) * k]
         for c in range(n_panels):
             col = o * t_out + c * PANEL
-            width = min(PANEL, t_out - c * PANEL, out.shape[1] - col)
+            width = min(PANEL, t_out - c * PANEL, ldo - col)
             base = w_off + (o * n_panels + c) * panel_size
             b0 = 0
             for chunk in range(chunks):
                 rows = n // chunks + (1 if chunk < n % chunks else 0)
-                _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, acc)
-                for r in range(rows):
-                    for j in range(width):
-                        v = acc[r * PANEL + j] + weights[b_off + col + j]
-                        out[b0 + r, col + j] = max(v, 0.0) if relu else v
+                if width == PANEL:
+                    _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, b_off + col, lo, dest,
+                                b0 * ldo + col, ldo)
+                else:
+                    _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, b_off + col, lo, acc, 0,
+                                PANEL)
+                    for r in range(rows):
+                        out[b0 + r, col:col + width] = acc[r * PANEL:r * PANEL + width]
                 b0 += rows
 
 
 @_njit
 def _patches(x, p, out):
     """Every p x p patch of x as one row of ``out`` (N * patches, C*p*p), in (image, patch row, patch
-    column) order, copied one image row segment at a time."""
+    column) order."""
     n, channels, size = x.shape[0], x.shape[1], x.shape[2]
     grid = size // p
     for b in range(n):
         for c in range(channels):
             for py in range(grid):
                 for i in range(p):
-                    row = x[b, c, py * p + i]
                     m0 = (c * p + i) * p
                     for px in range(grid):
-                        out[(b * grid + py) * grid + px, m0:m0 + p] = row[px * p:px * p + p]
+                        r = (b * grid + py) * grid + px
+                        for j in range(p):  # element by element: numba's slice objects cost more than the copy
+                            out[r, m0 + j] = x[b, c, py * p + i, px * p + j]
 
 
 @_njit
@@ -250,7 +265,7 @@ class FusedNet:
         segments, meta, size = [], [], 0
         for li, (panels, idx, t_in, t_out, bias, width) in enumerate(layers):
             w_off, b_off = size, size + -(-panels.size // line) * line
-            size = b_off + -(-bias.size // line) * line
+            size = b_off + -(-bias.size // line) * line + line  # the kernel reads 16 biases from any panel start
             segments += [(w_off, panels), (b_off, bias)]
             meta.append((w_off, b_off, sum(l[1].size for l in layers[:li]), *idx.shape, t_in, t_out, width))
         buffer = np.zeros(size + line, np.float32)
