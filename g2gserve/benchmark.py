@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 import torch
@@ -57,14 +57,15 @@ def _timer(device: torch.device | None):
     return time_cpu
 
 
-def interleaved(runs: dict[str, Callable[[], object]], warmup: int = 10, min_iters: int = 20, max_iters: int = 1000,
-                seconds: float = 2.0, device: torch.device | None = None, run_length: int = 1) -> dict[str, list[float]]:
-    """Time each callable alternately, ``warmup`` rounds first; stop after ``seconds`` (>= min_iters samples each).
+def interleaved(runs: dict[Hashable, Callable[[], object]], warmup: int = 10, min_iters: int = 20, max_iters: int = 1000,
+                seconds: float = 2.0, device: torch.device | None = None, run_length: int = 1) -> dict[Hashable, list[float]]:
+    """Time the callables in rotation (A B C ...), ``warmup`` rounds first; stop after ``seconds`` (>= min_iters each).
 
-    ``run_length`` 1 is strict A B A B: every call follows a call of the other model, which has pushed this
-    one's weights out of the caches (cold). With ``run_length`` N > 1 each model runs N + 1 times in a row
-    and the first call after a switch is not counted: every sample is warm, as in a server that runs one
-    model, while the alternation still exposes both to the same drift.
+    ``run_length`` 1 is strict A B A B: every call follows a call of another model, which has pushed this
+    one's weights out of the caches (cold); sample i of every callable comes from round i. With
+    ``run_length`` N > 1 each model runs N + 1 times in a row and the first call after a switch is not
+    counted: every sample is warm, as in a server that runs one model, while the rotation still exposes
+    all of them to the same drift.
     """
     if run_length < 1:
         raise ValueError(f"run_length must be at least 1, got {run_length}")

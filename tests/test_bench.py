@@ -18,6 +18,24 @@ def test_interleaving_alternates_and_counts():
     assert [len(v) for v in times.values()] == [5, 5]
 
 
+def test_backends_take_turns_in_chunks_of_strict_pairs(tmp_path, monkeypatch):
+    import server.bench as bench
+    turns = []
+
+    def spy(runs, **kw):
+        turns.append(list(runs))
+        times = interleaved(runs, **kw)
+        assert kw["min_iters"] == 7 and all(len(v) >= 7 for v in times.values())  # 20 samples over 3 chunks
+        return times
+    monkeypatch.setattr(bench, "interleaved", spy)
+    monkeypatch.setattr(bench, "CHUNK_SECONDS", 0.01)
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    result = bench.bench_model(path, ["torch", "onnxruntime"], [1, 3], "cpu", 1, 0.03, memory=False)
+    assert turns == [["sparse", "dense"]] * 12  # 2 batch sizes x 3 chunks x 2 backends, each chunk A B A B
+    for run in result["runs"]:
+        assert run["sparse"]["samples"] == run["dense"]["samples"] >= 21 and run["speedup"] > 0
+
+
 def test_latency_percentiles_and_pairwise_speedup():
     lat = Latency.of([i / 1000 for i in range(1, 101)])
     assert (lat.p50_ms, lat.p99_ms, lat.samples) == (pytest.approx(51, abs=1), pytest.approx(99, abs=1), 100)
