@@ -127,7 +127,7 @@ def _njit(fn):
     return numba.njit(fastmath=True, cache=True, nogil=True)(fn)
 
 
-@_njit
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")  # inlined: a call passes ~50 scalars
 def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
     """The micro-kernel for 1..6 rows (each row count is its own unrolled kernel)."""
     if rows == 6:
