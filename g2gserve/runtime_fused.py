@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from llvmlite import ir
 
 from .formats import PackedLayer, PackedNet
 
 import numba  # imported only when the fused backend is asked for (runtime.load imports this module lazily)
+from llvmlite import ir  # numba's own code generator
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -112,7 +112,7 @@ def _micro_kernel(rows: int):
                 for extra in sets[1:]:
                     total = builder.fadd(total, builder.load(extra[j], typ=_VEC), flags=_FAST)
                 total = builder.fadd(total, load_vec(at(bias, const(8 * c))), flags=_FAST)
-                total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max, NaN kept
+                total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
                 target = at(data(10), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(8 * c))))
                 builder.store(total, builder.bitcast(target, _VEC.as_pointer()), align=4)
             return context.get_dummy_value()
