@@ -22,6 +22,8 @@ The first call compiles (seconds); numba caches the machine code on disk for lat
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -123,11 +125,10 @@ def _micro_kernel(rows: int):
 _K1, _K2, _K3, _K4, _K5, _K6 = (_micro_kernel(r) for r in range(1, MAX_ROWS + 1))
 
 
-def _njit(fn):
-    return numba.njit(fastmath=True, cache=True, nogil=True)(fn)
+_njit = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True)
 
 
-@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")  # inlined: a call passes ~50 scalars
+@_njit(inline="always")  # inlined: a call passes ~50 scalars
 def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
     """The micro-kernel for 1..6 rows (each row count is its own unrolled kernel)."""
     if rows == 6:
@@ -262,12 +263,13 @@ class FusedNet:
         layers = [_dense(conv, packed.conv_bias.numpy()), *(_layer(l) for l in packed.layers),
                   _dense(packed.head_weight.numpy(), packed.head_bias.numpy())]
         line = 16  # floats per 64-byte cache line
-        segments, meta, size = [], [], 0
-        for li, (panels, idx, t_in, t_out, bias, width) in enumerate(layers):
+        segments, meta, size, t_off = [], [], 0, 0
+        for panels, idx, t_in, t_out, bias, width in layers:
             w_off, b_off = size, size + -(-panels.size // line) * line
-            size = b_off + -(-bias.size // line) * line + line  # the kernel reads 16 biases from any panel start
+            size = b_off + -(-bias.size // line) * line + PANEL  # the kernel reads PANEL biases from any panel start
             segments += [(w_off, panels), (b_off, bias)]
-            meta.append((w_off, b_off, sum(l[1].size for l in layers[:li]), *idx.shape, t_in, t_out, width))
+            meta.append((w_off, b_off, t_off, *idx.shape, t_in, t_out, width))
+            t_off += idx.size
         buffer = np.zeros(size + line, np.float32)
         start = (-buffer.ctypes.data % 64) // 4
         self.weights = buffer[start:start + size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -67,7 +68,7 @@ def bench_model(path: Path, backends: list[str], batches: list[int], device: str
         calls, times = {}, {}
         for backend in backends:
             x = _inputs(models[backend, "sparse"], n).to(dev if backend == "torch" else "cpu")
-            calls[backend] = {v: (lambda m, x: lambda: m.logits(x))(models[backend, v], x) for v in ("sparse", "dense")}
+            calls[backend] = {v: functools.partial(models[backend, v].logits, x) for v in ("sparse", "dense")}
             times[backend] = {"sparse": [], "dense": []}
         for chunk in range(chunks):
             for backend in backends:
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="comma-separated: torch, onnxruntime, fused")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
-    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend and batch size (after warm-up); the backends take turns in chunks of ~0.5 s")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend and batch size (after warm-up); the backends take turns in chunks of "
+                        f"~{CHUNK_SECONDS} s")
     p.add_argument("--sweep", action="store_true", help="also time random G2GNets at 50/75/87.5/93.75%% sparsity, "
                                                         "block and CSR, and report the break-even points")
     p.add_argument("--run-length", type=int, default=1, metavar="N",
