@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from g2gserve.checkpoint import CheckpointError
+from g2gserve.model.checkpoint import CheckpointError
 from g2gserve.export import ExportError, export_checkpoint
 from g2gserve.formats import FORMATS
-from g2gserve.onnx_graph import DEFAULT_OPSET, MIN_OPSET
+from g2gserve.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET
 
 
 def size_table(m: dict) -> str:

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .fileio import atomic_write  # noqa: E402
+from g2gserve.fileio import atomic_write  # noqa: E402
 
 
 def save_png(fig, path: Path, dpi: int = 110) -> None:

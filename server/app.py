@@ -20,8 +20,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest)
 from pydantic import BaseModel
 
-from g2gserve.benchmark import Latency, interleaved, pairwise_speedup, peak_memory
-from g2gserve.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from g2gserve.bench.measure import Latency, interleaved, pairwise_speedup, peak_memory
+from g2gserve.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from g2gserve.runtime import load
 
 from .batching import MicroBatcher, QueueFull

@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from g2gserve.benchmark import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
+from g2gserve.bench.measure import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
                                 peak_memory, pin_threads)
-from g2gserve.config import ModelConfig
+from g2gserve.model.config import ModelConfig
 from g2gserve.export import read_export
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
-from g2gserve.models import build_model
+from g2gserve.model.g2gnet import build_model
 from g2gserve.runtime import BACKENDS, load
-from g2gserve.runtime_torch import PackedModule
+from g2gserve.runtime.torch_backend import PackedModule
 
 SWEEP_SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
 CHUNK_SECONDS = 0.5  # backends take turns in chunks this long (see bench_model)
@@ -44,7 +44,7 @@ def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
     sizes = manifest.get("sizes", {})
     if "model_onnx_bytes" in sizes:
         return {"model_onnx_bytes": sizes["model_onnx_bytes"], "dense_onnx_bytes": sizes["dense_onnx_bytes"]}
-    from g2gserve.checkpoint import load_model
+    from g2gserve.model.checkpoint import load_model
     from g2gserve.export import build_artifacts
     model, ckpt = load_model(model_path)
     art = build_artifacts(model, ckpt)

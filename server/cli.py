@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from g2gserve.checkpoint import CheckpointError, load_checkpoint
+from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
 from g2gserve.export import ExportError, read_export
 from g2gserve.runtime import BACKENDS
 

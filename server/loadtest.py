@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from g2gserve.benchmark import Latency
-from g2gserve.data import DATASETS, DataError, load_split
-from g2gserve.images import encode_png
+from g2gserve.bench.measure import Latency
+from g2gserve.data.datasets import DATASETS, DataError, load_split
+from g2gserve.data.images import encode_png
 
 
 def loopback_only(url: str) -> None:

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from g2gserve.data import DATASETS, DataError, load_split
-from g2gserve.images import encode_png
+from g2gserve.data.datasets import DATASETS, DataError, load_split
+from g2gserve.data.images import encode_png
 
 
 def main(argv: list[str] | None = None) -> int:

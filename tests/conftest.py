@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from g2gserve.config import ModelConfig
+from g2gserve.model.config import ModelConfig
 
 TINY = dict(hidden=(64, 64), groups=4, conv_channels=8, block_size=8)
 TINY_FLAGS = ["--hidden", "64,64", "--groups", "4", "--block-size", "8", "--batch-size", "32", "--no-progress"]

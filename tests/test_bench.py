@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from g2gserve.benchmark import Latency, interleaved, pairwise_speedup, peak_memory
+from g2gserve.bench.measure import Latency, interleaved, pairwise_speedup, peak_memory
 from g2gserve.export import export_checkpoint
 from server.bench import break_even, main
 

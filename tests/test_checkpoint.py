@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from g2gserve.checkpoint import CheckpointError, from_model, load_checkpoint, load_model, save_checkpoint
-from g2gserve.models import build_model
-from g2gserve.preprocess import Preprocess
+from g2gserve.model.checkpoint import CheckpointError, from_model, load_checkpoint, load_model, save_checkpoint
+from g2gserve.model.g2gnet import build_model
+from g2gserve.data.preprocess import Preprocess
 
 from conftest import tiny_config
 

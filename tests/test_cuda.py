@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from g2gserve.checkpoint import from_model, load_model, save_checkpoint
+from g2gserve.model.checkpoint import from_model, load_model, save_checkpoint
 from g2gserve.export import export_checkpoint
-from g2gserve.models import build_model
-from g2gserve.preprocess import Preprocess
+from g2gserve.model.g2gnet import build_model
+from g2gserve.data.preprocess import Preprocess
 from g2gserve.runtime import load
 from training.dst import PRUNE, REGROW, DSTConfig, MaskScheduler
 from training.fit import main as fit_main

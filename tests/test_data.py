@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from g2gserve.data import DEBIAN_FASHION_MNIST, DataError, augment_crop_flip, batches, load_split, read_idx
-from g2gserve.preprocess import Preprocess
+from g2gserve.data.datasets import DEBIAN_FASHION_MNIST, DataError, augment_crop_flip, batches, load_split, read_idx
+from g2gserve.data.preprocess import Preprocess
 
 
 def test_idx_directory(idx_dir):

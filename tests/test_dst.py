@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from g2gserve.masks import tile_order, to_tiles
-from g2gserve.models import build_model, unit_groups
+from g2gserve.model.masks import tile_order, to_tiles
+from g2gserve.model.g2gnet import build_model, unit_groups
 from training.dst import PRUNE, REGROW, DSTConfig, MaskScheduler
 from training.hebbian import HebbianTracker
 
@@ -124,7 +124,7 @@ def test_dst_config_rejects_bad_values():
 
 
 def test_resume_in_the_middle_of_a_dst_schedule(idx_dir, tmp_path):
-    from g2gserve.checkpoint import load_model
+    from g2gserve.model.checkpoint import load_model
     from training.fit import main
     torch.set_num_threads(1)
     flags = ["--data-dir", str(idx_dir), *TINY_FLAGS, "--epochs", "3", "--dst", "hebbian", "--dst-interval", "3",

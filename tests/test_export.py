@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from export.cli import main as export_main
-from g2gserve.checkpoint import from_model, save_checkpoint
-from g2gserve.config import MODEL_KINDS
+from g2gserve.model.checkpoint import from_model, save_checkpoint
+from g2gserve.model.config import MODEL_KINDS
 from g2gserve.export import ExportError, check_parity, build_artifacts, export_checkpoint, read_export
 from g2gserve.formats import densify, pack_block, pack_csr, pack_model
-from g2gserve.models import build_model
-from g2gserve.preprocess import Preprocess
+from g2gserve.model.g2gnet import build_model
+from g2gserve.data.preprocess import Preprocess
 from g2gserve.runtime import load
-from g2gserve.runtime_torch import PackedModule
+from g2gserve.runtime.torch_backend import PackedModule
 
 from conftest import tiny_config
 
@@ -47,7 +47,7 @@ CASES = [dict(kind=k, granularity=g) for k in MODEL_KINDS for g in ("edge", "blo
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 def test_every_format_and_graph_matches_pytorch(kw):
     model = _trained_like(tiny_config(**kw))
-    from g2gserve.checkpoint import from_model as fm
+    from g2gserve.model.checkpoint import from_model as fm
     ckpt = fm(model, CLASSES, Preprocess(1, 28, 28, (0.3,), (0.35,)))
     formats = ["auto", "dense"] + (["csr"] if model.cfg.is_sparse else []) + \
         (["block"] if model.cfg.is_sparse and model.cfg.granularity == "block" else [])
@@ -96,7 +96,7 @@ def test_block_packer_on_hand_made_masks():
     assert layer.tensors["idx"].shape == (3, 4)  # K = widest row
     assert torch.equal(layer.dense_weight(), w * mask)
     x = torch.randn(5, 8)
-    from g2gserve.runtime_torch import BlockSparseLayer
+    from g2gserve.runtime.torch_backend import BlockSparseLayer
     assert torch.allclose(BlockSparseLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
     with pytest.raises(ValueError, match="not made of whole 2x2 tiles"):
         bad = mask.clone()
@@ -113,7 +113,7 @@ def test_csr_packer_on_hand_made_masks():
     layer = pack_csr("l", w, mask, bias)
     assert layer.tensors["crow"].tolist() == [0, 0, 5, 5, 6]
     assert layer.tensors["col"].dtype == torch.int32 and layer.tensors["values"].numel() == 6
-    from g2gserve.runtime_torch import CSRLayer
+    from g2gserve.runtime.torch_backend import CSRLayer
     x = torch.randn(3, 5)
     assert torch.allclose(CSRLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
     assert torch.equal(layer.dense_weight(), w * mask)
@@ -169,7 +169,7 @@ def test_tampered_exports_are_rejected(tmp_path, edit, message):
 
 def test_disagreeing_artifacts_refuse_to_write(tmp_path, monkeypatch):
     _, _, path = _checkpoint(tmp_path, granularity="block")
-    import g2gserve.export as ex
+    import g2gserve.export.writer as ex
     real = ex.check_parity
     monkeypatch.setattr(ex, "check_parity", lambda *a: {k: {kk: vv + 1.0 for kk, vv in v.items()}
                                                         for k, v in real(*a).items()})

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from g2gserve.checkpoint import load_model
+from g2gserve.model.checkpoint import load_model
 from training.fit import main
 
 from conftest import TINY_FLAGS

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from g2gserve.formats import densify, pack_model
-from g2gserve.models import build_model
+from g2gserve.model.g2gnet import build_model
 from g2gserve.runtime import load
-from g2gserve.runtime_fused import META, FusedNet
+from g2gserve.runtime.fused import META, FusedNet
 
 from conftest import tiny_config
 

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from g2gserve.masks import GRANULARITIES, GROUPINGS, group_assignment, inter_group_probability, network_masks
+from g2gserve.model.masks import GRANULARITIES, GROUPINGS, group_assignment, inter_group_probability, network_masks
 
 WIDTHS = [128, 256, 256, 256]
 G, B = 4, 8

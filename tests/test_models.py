@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from g2gserve.accounting import model_summary
-from g2gserve.config import MODEL_KINDS, ModelConfig
-from g2gserve.models import build_model, matched_width
+from g2gserve.model.accounting import model_summary
+from g2gserve.model.config import MODEL_KINDS, ModelConfig
+from g2gserve.model.g2gnet import build_model, matched_width
 
 from conftest import tiny_config
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from g2gserve.export import export_checkpoint
-from g2gserve.images import encode_png
+from g2gserve.data.images import encode_png
 from g2gserve.runtime import load
 from server.app import ServeConfig, create_app
 from server.batching import MicroBatcher, QueueFull

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from g2gserve.masks import from_tile_mask, tile_order, to_tiles
-from g2gserve.models import G2GNet, hidden_masks, unit_groups
+from g2gserve.model.masks import from_tile_mask, tile_order, to_tiles
+from g2gserve.model.g2gnet import G2GNet, hidden_masks, unit_groups
 
 from .hebbian import HebbianTracker
 

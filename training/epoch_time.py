@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from g2gserve.config import ModelConfig
-from g2gserve.data import DATASETS, load_split, needs_augmentation
-from g2gserve.models import build_model
-from g2gserve.preprocess import Preprocess
+from g2gserve.model.config import ModelConfig
+from g2gserve.data.datasets import DATASETS, load_split, needs_augmentation
+from g2gserve.model.g2gnet import build_model
+from g2gserve.data.preprocess import Preprocess
 
 from .fit import DATASET_SHAPES
 from .dst import PRESETS, DSTConfig, MaskScheduler

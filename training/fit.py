@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from g2gserve.accounting import model_summary
-from g2gserve.checkpoint import CheckpointError, from_model, safe_torch_load, save_checkpoint
-from g2gserve.config import MODEL_KINDS, ModelConfig
-from g2gserve.data import DATASETS, DataError, load_split, needs_augmentation
+from g2gserve.model.accounting import model_summary
+from g2gserve.model.checkpoint import CheckpointError, from_model, safe_torch_load, save_checkpoint
+from g2gserve.model.config import MODEL_KINDS, ModelConfig
+from g2gserve.data.datasets import DATASETS, DataError, load_split, needs_augmentation
 from g2gserve.fileio import atomic_write, atomic_write_text
-from g2gserve.masks import GRANULARITIES, GROUPINGS
-from g2gserve.models import build_model
-from g2gserve.preprocess import Preprocess
+from g2gserve.model.masks import GRANULARITIES, GROUPINGS
+from g2gserve.model.g2gnet import build_model
+from g2gserve.data.preprocess import Preprocess
 
 from .dst import PRESETS, PRUNE, REGROW, SCHEDULES, DSTConfig, MaskScheduler
 from .plots import plot_training

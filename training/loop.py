@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from g2gserve.data import ImageSet, batches
-from g2gserve.preprocess import Preprocess
+from g2gserve.data.datasets import ImageSet, batches
+from g2gserve.data.preprocess import Preprocess
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from g2gserve.accounting import model_summary
-from g2gserve.benchmark import machine_info
-from g2gserve.checkpoint import CheckpointError, load_model
-from g2gserve.data import DATASETS
+from g2gserve.model.accounting import model_summary
+from g2gserve.bench.measure import machine_info
+from g2gserve.model.checkpoint import CheckpointError, load_model
+from g2gserve.data.datasets import DATASETS
 from g2gserve.fileio import atomic_write_text
 
 # (name, description, fit flags). The order is the order of the table.

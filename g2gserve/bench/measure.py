@@ -128,7 +128,7 @@ def peak_memory(model: str, backend: str, variant: str, batch: int, device: str 
 
     A fresh process, because a forked child inherits its parent's peak (shared notes).
     """
-    cmd = [sys.executable, "-m", "g2gserve.memprobe", str(model), "--backend", backend, "--variant", variant,
+    cmd = [sys.executable, "-m", "g2gserve.bench.memprobe", str(model), "--backend", backend, "--variant", variant,
            "--batch", str(batch), "--device", device, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -144,7 +144,7 @@ def ort_node_profile(onnx_path: str, batch: int, input_shape: tuple[int, ...], t
                      skip: int = 50) -> dict:
     """Where onnxruntime spends a forward pass: median microseconds per node, summed per op type, next to the
     median of the whole run (the difference is per-node and per-run overhead). Uses onnxruntime's profiler."""
-    from .export import ort_session  # onnx/onnxruntime: only when profiling
+    from g2gserve.export import ort_session  # onnx/onnxruntime: only when profiling
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(onnx_path, threads, profile_prefix=os.path.join(tmp, "ort"))
         x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import PackedLayer, PackedNet
+from g2gserve.formats import PackedLayer, PackedNet
 
 
 class DenseLayer(nn.Module):

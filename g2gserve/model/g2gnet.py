@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .layers import PatchEncoder, SparseLinear
-from .masks import network_masks
+from g2gserve.model.config import ModelConfig
+from g2gserve.model.layers import PatchEncoder, SparseLinear
+from g2gserve.model.masks import network_masks
 
 
 class G2GNet(nn.Module):

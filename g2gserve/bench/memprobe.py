@@ -1,4 +1,4 @@
-"""Run as ``python -m g2gserve.memprobe MODEL ...``: load, run one batch, print peak memory as JSON."""
+"""Run as ``python -m g2gserve.bench.memprobe MODEL ...``: load, run one batch, print peak memory as JSON."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ def vm_hwm_bytes() -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m g2gserve.memprobe")
+    p = argparse.ArgumentParser(prog="python -m g2gserve.bench.memprobe")
     p.add_argument("model")
     p.add_argument("--backend", default="torch")
     p.add_argument("--variant", default="sparse")
@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from .runtime import load
+    from g2gserve.runtime import load
     torch.set_num_threads(args.threads)
     model = load(args.model, backend=args.backend, device=args.device, variant=args.variant, threads=args.threads)
     if args.device == "cuda":

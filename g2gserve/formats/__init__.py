@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masks import tile_order
-from .models import G2GNet, unit_groups
+from g2gserve.model.masks import tile_order
+from g2gserve.model.g2gnet import G2GNet, unit_groups
 
 FORMATS = ("auto", "block", "csr", "dense")
 # Break-even densities measured on CPU (shared/notes/sparse-inference.md): block-sparse gather+bmm

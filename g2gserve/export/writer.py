@@ -22,16 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .checkpoint import Checkpoint, load_model
-from .config import ModelConfig
-from .data import DataError, load_split
-from .fileio import atomic_directory
-from .formats import PackedLayer, PackedNet, densify, pack_model
-from .models import G2GNet
-from .onnx_graph import DEFAULT_OPSET, build_onnx
-from .preprocess import Preprocess
-from .runtime_torch import PackedModule
+from g2gserve import __version__
+from g2gserve.model.checkpoint import Checkpoint, load_model
+from g2gserve.model.config import ModelConfig
+from g2gserve.data.datasets import DataError, load_split
+from g2gserve.fileio import atomic_directory
+from g2gserve.formats import PackedLayer, PackedNet, densify, pack_model
+from g2gserve.model.g2gnet import G2GNet
+from g2gserve.export.onnx_graph import DEFAULT_OPSET, build_onnx
+from g2gserve.data.preprocess import Preprocess
 
 EXPORT_FORMAT = "g2gserve.export"
 EXPORT_VERSION = 1
@@ -136,6 +135,7 @@ def ort_session(model: onnx.ModelProto | str | Path, threads: int | None = None,
 @torch.no_grad()
 def check_parity(model: G2GNet, art: Artifacts, x: torch.Tensor) -> dict[str, dict[str, float]]:
     """Max abs error on logits of each artifact vs the PyTorch model, per batch size."""
+    from g2gserve.runtime.torch_backend import PackedModule  # here: the runtime package imports this module
     runners = {
         "torch": PackedModule(art.packed),
         "model.onnx": ort_session(art.model_onnx),

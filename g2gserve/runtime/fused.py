@@ -27,7 +27,7 @@ import functools
 import numpy as np
 import torch
 
-from .formats import PackedLayer, PackedNet
+from g2gserve.formats import PackedLayer, PackedNet
 
 import numba  # imported only when the fused backend is asked for (runtime.load imports this module lazily)
 from llvmlite import ir  # numba's own code generator

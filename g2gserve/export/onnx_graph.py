@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .formats import PackedNet
+from g2gserve.formats import PackedNet
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13

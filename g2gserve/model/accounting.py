@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .models import G2GNet
+from g2gserve.model.g2gnet import G2GNet
 
 
 @dataclass

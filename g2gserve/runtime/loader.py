@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_model
-from .export import ExportError, build_artifacts, ort_session, read_export
-from .formats import densify
-from .preprocess import Preprocess
-from .runtime_torch import PackedModule
+from g2gserve.model.checkpoint import CheckpointError, load_model
+from g2gserve.export import ExportError, build_artifacts, ort_session, read_export
+from g2gserve.formats import densify
+from g2gserve.data.preprocess import Preprocess
+from g2gserve.runtime.torch_backend import PackedModule
 
 BACKENDS = ("torch", "onnxruntime", "fused")
 VARIANTS = ("sparse", "dense")
@@ -98,7 +98,7 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         net = densify(packed) if variant == "dense" else packed
         run = _torch_runner(PackedModule(net), torch.device(device))
     elif backend == "fused":
-        from .runtime_fused import fused_runner  # imports numba (~60 MB): only for this backend
+        from g2gserve.runtime.fused import fused_runner  # imports numba (~60 MB): only for this backend
         run = fused_runner(densify(packed) if variant == "dense" else packed)
     else:
         try:

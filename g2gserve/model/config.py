@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .masks import GRANULARITIES, GROUPINGS
+from g2gserve.model.masks import GRANULARITIES, GROUPINGS
 
 MODEL_KINDS = ("g2g", "dense", "dense-params", "er")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import ModelConfig
-from .fileio import atomic_write
-from .models import G2GNet, build_model
-from .preprocess import Preprocess
+from g2gserve import __version__
+from g2gserve.model.config import ModelConfig
+from g2gserve.fileio import atomic_write
+from g2gserve.model.g2gnet import G2GNet, build_model
+from g2gserve.data.preprocess import Preprocess
 
 FORMAT = "g2gserve.checkpoint"
 FORMAT_VERSION = 1

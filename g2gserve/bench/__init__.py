@@ -1,0 +1,1 @@
+"""Measuring sparse against dense: latency, throughput, memory."""

@@ -1,0 +1,1 @@
+"""The network: config, masks, layers, G2GNet, accounting, checkpoint."""
