@@ -1,4 +1,6 @@
-"""The fused (numba) CPU kernel computes exactly the packed network, for every layer format and shape."""
+"""The fused (numba) CPU kernel computes exactly the packed network, for every layer format and shape, and
+every micro-kernel variant (vector width, tile, precision, threads) this CPU can run."""
+import numba
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
 from g2gserve.runtime import load
-from g2gserve.runtime.fused import META, FusedNet
+from g2gserve.runtime.fused import ISAS, META, VARIANTS, FusedNet, _compiled, describe, host_isa, supported
 
 from conftest import tiny_config
 
@@ -18,6 +20,14 @@ def _model(**kw):
         for layer in model.hidden:
             layer.bias.normal_(0, 0.5)
     return model
+
+
+def _error(net, model, batch):
+    """Max abs error of the fused net's logits against PyTorch, and the logits' scale."""
+    x = torch.randn(batch, *net.input_shape)
+    with torch.no_grad():
+        ref = model(x)
+    return (torch.from_numpy(net(x.numpy())) - ref).abs().max().item(), ref.abs().max().item()
 
 
 @pytest.mark.parametrize("kw,fmt", [
@@ -32,12 +42,59 @@ def _model(**kw):
 def test_matches_pytorch_at_every_batch_size(kw, fmt):
     model = _model(**kw)
     packed = pack_model(model, fmt)
+    rows = ISAS[host_isa()].max_rows
     for net in (FusedNet(packed), FusedNet(densify(packed))):
-        for batch in (1, 2, 3, 4, 7, 64):  # chunks of 1, 2, 3, 4, 4+3, 9x6+2x5 rows: every micro-kernel
-            x = torch.randn(batch, *packed.input_shape)
-            with torch.no_grad():
-                err = (torch.from_numpy(net(x.numpy())) - model(x)).abs().max().item()
+        for batch in (*range(1, rows + 1), 64):  # every micro-kernel row count, and 64 in near-equal chunks
+            err, _ = _error(net, model, batch)
             assert err < 1e-4, (kw, fmt, batch, err)
+
+
+@pytest.mark.parametrize("isa,precision", VARIANTS)
+def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
+    """Every vector width / tile / precision, on odd shapes (tiles of 1, 23 units) and block tiles; the
+    ones this CPU cannot run are compiled at least (fp32: LLVM splits wide vectors), or skipped (bf16)."""
+    if not supported(isa, precision):
+        if precision == "bf16":
+            pytest.skip("bf16 needs AVX512-BF16, which this CPU lacks")
+        forward = _compiled(isa, precision, False)
+        net = FusedNet(pack_model(_model(granularity="block"), "auto"), isa=host_isa())
+        forward.compile(tuple(numba.typeof(a) for a in (np.zeros((1, *net.input_shape), np.float32), net.patch_size,
+                                                          net.weights, net.biases, net.tiles, net.meta, 1)))
+        return
+    bound = 1e-4 if precision == "fp32" else None  # bf16: relative to the logits (8-bit mantissa)
+    for kw in (dict(granularity="block"), dict(kind="dense-params")):
+        model = _model(**kw)
+        packed = pack_model(model, "auto")
+        for net in (FusedNet(packed, isa=isa, precision=precision),
+                    FusedNet(densify(packed), isa=isa, precision=precision)):
+            for batch in (*range(1, ISAS[isa].max_rows + 1), 64):
+                err, scale = _error(net, model, batch)
+                assert err < (bound or 0.02 * scale), (isa, precision, kw, batch, err, scale)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_threads_give_the_same_logits_as_one_thread(precision):
+    if not supported(host_isa(), precision):
+        pytest.skip(f"{precision} does not run on this CPU")
+    packed = pack_model(_model(granularity="block"), "auto")
+    one = FusedNet(packed, precision=precision)
+    two = FusedNet(packed, precision=precision, threads=2)
+    for batch in (1, 5, 64):  # few panels: row chunks are shared out too
+        x = np.random.default_rng(batch).standard_normal((batch, *one.input_shape)).astype(np.float32)
+        assert np.array_equal(one(x), two(x))
+    assert two.variant["threads"] == 2 and two.variant["isa"] == host_isa()
+
+
+def test_variant_is_chosen_for_the_cpu():
+    assert host_isa({"avx512f", "avx2", "fma"}) == "avx512"
+    assert host_isa({"avx2", "fma"}) == "avx2"
+    assert host_isa({"neon"}) == "generic" and host_isa(set()) == "generic"
+    assert not supported("avx512", "fp32", {"avx2", "fma"}) and supported("avx2", "fp32", {"avx512f"})
+    assert not supported("avx512", "bf16", {"avx512f"}) and supported("avx512", "bf16", {"avx512f", "avx512bf16"})
+    assert ISAS["avx512"].vec == 16 and ISAS["avx2"].vec == 8
+    assert ISAS["avx512"].max_rows * ISAS["avx512"].vectors > ISAS["avx2"].max_rows * ISAS["avx2"].vectors
+    d = describe()
+    assert d["isa"] == host_isa() and d["tile_columns"] == ISAS[host_isa()].panel
 
 
 def test_dense_layers_are_panels_over_one_input_tile_spanning_all_inputs():
@@ -58,9 +115,19 @@ def test_bad_input_is_refused():
     net = FusedNet(pack_model(_model(granularity="block"), "auto"))
     with pytest.raises(ValueError, match=r"expected input \(N, 1, 28, 28\)"):
         net(np.zeros((2, 3, 28, 28), np.float32))
+    packed = pack_model(_model(granularity="block"), "auto")
+    with pytest.raises(ValueError, match="threads must be 1.."):
+        FusedNet(packed, threads=10_000)
+    with pytest.raises(ValueError, match="unknown variant"):
+        FusedNet(packed, isa="sve")
+    if not supported(host_isa(), "bf16"):
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            FusedNet(packed, precision="bf16")
 
 
 def test_runs_on_cpu_only(tmp_path):
     for backend in ("fused", "onnxruntime"):
         with pytest.raises(ValueError, match=f"the {backend} backend runs on the CPU"):
             load(tmp_path, backend=backend, device="cuda")
+    with pytest.raises(ValueError, match="needs the fused backend"):
+        load(tmp_path, backend="torch", precision="bf16")

@@ -6,23 +6,31 @@ on intermediate tensors as on the matmul itself; at large batches what counts is
 multiply-add runs to the machine's peak. Here one ``@njit`` function runs the encoder, every layer and
 the head, and every one of them is the same loop over *panels*:
 
-* a layer's weights are stored, per output tile, as panels of 16 output units: for each live input
-  unit the panel holds those 16 weights side by side ([k*t_in, 16], zero-padded past the tile's end),
-  so a panel is one sequential stream and no input is ever gathered or copied;
-* up to 6 rows at a time, a micro-kernel written directly in LLVM IR (``_micro_kernel``) keeps the
-  6 x 16 sums in 12 vector registers and, per input unit, loads the panel row (2 vectors), broadcasts
-  each row's input value and issues 12 fused multiply-adds: the layout of a tuned GEMM micro-kernel,
-  with no horizontal sums and no C compiler (numba's LLVM compiles it for the CPU it runs on);
+* a layer's weights are stored, per output tile, as panels of ``Isa.panel`` output units: for each live
+  input unit the panel holds those units' weights side by side ([k*t_in, panel], zero-padded past the
+  tile's end), so a panel is one sequential stream and no input is ever gathered or copied;
+* up to ``Isa.max_rows`` rows at a time, a micro-kernel written directly in LLVM IR (``_micro_kernel``)
+  keeps the rows x panel sums in vector registers and, per input unit, loads the panel row, broadcasts
+  each row's input value and issues one fused multiply-add per sum vector: the layout of a tuned GEMM
+  micro-kernel, with no horizontal sums and no C compiler (numba's LLVM compiles it for the CPU it runs on);
 * bias and ReLU are applied as the sums are written out.
+
+The vector width and register blocking (``ISAS``) are chosen once, at load, for the CPU (``host_isa``):
+16-float vectors and a 12 x 32 tile where AVX-512 is present (32 vector registers), 8-float vectors and
+6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON). With ``threads`` > 1 the panels
+(and, where there are few, the row chunks) of every layer are shared out with numba's ``prange``.
+``precision="bf16"`` (AVX512-BF16 only) stores the panels as bfloat16 pairs and runs ``vdpbf16ps``
+(two products per lane, fp32 sums): the activations are rounded to bf16 on their way into each layer.
 
 Only live tiles are stored and read, so compute and memory traffic shrink with the density. Dense
 layers (the encoder's patch conv, the head, every layer of the dense twin) are panels over one input
 tile spanning all inputs, so sparse and dense run on the same kernel. CSR layers run densified.
-The first call compiles (seconds); numba caches the machine code on disk for later processes.
+The first call compiles (seconds per variant); numba caches the machine code on disk for later processes.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,269 +38,439 @@ import torch
 from g2gserve.formats import PackedLayer, PackedNet
 
 import numba  # imported only when the fused backend is asked for (runtime.load imports this module lazily)
-from llvmlite import ir  # numba's own code generator
+from llvmlite import binding as llvm, ir  # numba's own code generator
+from numba import prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 
-PANEL = 16     # output units per panel: two 8-float vectors
-MAX_ROWS = 6   # rows per micro-kernel call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 registers
+@dataclass(frozen=True)
+class Isa:
+    """One micro-kernel shape: ``vec``-float vectors, ``vectors`` of them per panel row (panel =
+    vec * vectors output units), up to ``max_rows`` rows per call, so rows * vectors sums live in
+    registers; ``chains`` is how many independent FMA chains hide the FMA latency (few rows: the
+    inputs are split over several sets of sums)."""
+    name: str
+    vec: int
+    vectors: int
+    max_rows: int
+    chains: int
 
-_F32, _I32 = ir.FloatType(), ir.IntType(32)
-_VEC = ir.VectorType(_F32, 8)
+    @property
+    def panel(self) -> int:
+        return self.vec * self.vectors
+
+
+ISAS = {
+    "avx512": Isa("avx512", 16, 2, 12, 16),  # 32 zmm: 24 sums + 2 weight vectors + 1 broadcast
+    "avx2": Isa("avx2", 8, 2, 6, 10),        # 16 ymm: 12 sums + 2 + 1
+    "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
+}
+PRECISIONS = ("fp32", "bf16")
+
+
+def host_features() -> set[str]:
+    """The CPU features LLVM sees on this machine (what numba compiles for)."""
+    try:
+        return {name for name, on in llvm.get_host_cpu_features().items() if on}
+    except RuntimeError:  # LLVM cannot list them on some hosts: assume nothing
+        return set()
+
+
+def host_isa(features: set[str] | None = None) -> str:
+    """The widest ``ISAS`` entry this CPU runs natively."""
+    features = host_features() if features is None else features
+    if "avx512f" in features:
+        return "avx512"
+    if {"avx2", "fma"} <= features:
+        return "avx2"
+    return "generic"
+
+
+def supported(isa: str, precision: str, features: set[str] | None = None) -> bool:
+    """Whether this CPU can run ``isa`` at ``precision`` (every ISA's shape runs on a wider CPU; bf16 needs
+    AVX512-BF16)."""
+    features = host_features() if features is None else features
+    order = ("generic", "avx2", "avx512")
+    native = order.index(isa) <= order.index(host_isa(features))
+    return native and (precision == "fp32" or (isa == "avx512" and "avx512bf16" in features))
+
+
+def describe(isa: str | None = None, precision: str = "fp32", threads: int = 1) -> dict:
+    """The micro-kernel that ``FusedNet(..., isa, precision, threads)`` runs on this CPU, as a benchmark records it."""
+    spec = ISAS[host_isa() if isa is None else isa]
+    return {"isa": spec.name, "vector_floats": spec.vec, "tile_rows": spec.max_rows, "tile_columns": spec.panel,
+            "precision": precision, "threads": threads, "cpu": llvm.get_host_cpu_name(),
+            "bf16_available": supported("avx512", "bf16")}
+
+
+_F32, _I32, _I16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
 _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the CPU has it
 
 
-def _micro_kernel(rows: int):
-    """dest[dest_off + r*ld + 0:16] = max(bias + sum over live input tiles kk < k and units i < t of
-    x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + 16*(kk*t + i) : +16], lo) for r < rows, where
-    bias = w[b_off : b_off + 16] and lo is 0 (ReLU) or -inf (none).
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` (llvmlite has no class for it): the operand type of the AVX512-BF16 intrinsics."""
+    null = "0.0"
+    intrinsic_name = "bf16"
 
-    The loops are emitted in LLVM IR with explicit 8-float vectors because numba's auto-vectoriser
-    vectorises the i loop instead (strided loads, sums spilled to the stack) whatever the source says.
-    The sums stay in registers over all live tiles; bias and activation are applied on the way out, and
-    ``dest`` is the layer's output itself for whole panels, so a panel costs one call and nothing else.
-    With few rows there are too few independent sums to hide the FMA latency, so consecutive inputs go
-    to ``splits`` separate sets of sums, added up at the end."""
-    splits = max(1, min(4, 10 // (2 * rows)))  # >= ~10 independent FMA chains where registers allow
+    def __str__(self) -> str:
+        return "bfloat"
 
-    @intrinsic
-    def kernel(typingctx, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
-        arrays = {w: types.float32, x: types.float32, tiles: types.intp, dest: types.float32}
-        if not all(isinstance(a, types.Array) and a.dtype == d and a.layout == "C" for a, d in arrays.items()):
-            raise numba.core.errors.TypingError("micro-kernel: w, x, dest must be C-contiguous float32, tiles intp")
-        if not all(isinstance(i, types.Integer) for i in (w_off, x_off, ldx, k, t, b_off, dest_off, ld)):
-            raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
-        sig = types.void(w, w_off, x, x_off, ldx, tiles, k, t, b_off, types.float32, dest, dest_off, ld)
+    def format_constant(self, value):  # never used: bfloat values only come from bitcasts
+        raise NotImplementedError
 
-        def codegen(context, builder, signature, args):
-            w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v = (
-                context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4, 6, 7, 8, 11, 12))
-            intp = context.get_value_type(types.intp)
-            const = lambda v: ir.Constant(intp, v)  # noqa: E731
-            data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
-            at = lambda p, off: builder.gep(p, [off], source_etype=_F32)  # noqa: E731
-            load_vec = lambda p: builder.load(builder.bitcast(p, _VEC.as_pointer()), typ=_VEC, align=4)  # noqa: E731
-            vec_slot = lambda: cgutils.alloca_once(builder, _VEC)  # promoted to registers by LLVM  # noqa: E731
-            x_base, tiles_ptr = at(data(2), x_off_v), data(5)
-            zero = ir.Constant(_VEC, [0.0] * 8)
-            sets = [[vec_slot() for _ in range(2 * rows)] for _ in range(splits)]
-            for slot in (s for slots in sets for s in slots):
-                builder.store(zero, slot)
-            undef = ir.Constant(_VEC, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
 
-            def step(w_base, x_rows, i, slots):  # slots[2r + c] += x[r, i] * w[i, 8c : 8c + 8]
-                w_row = at(w_base, builder.mul(i, const(PANEL)))
-                w_vecs = (load_vec(w_row), load_vec(at(w_row, const(8))))
-                for r in range(rows):
+_BFloat._create_instance()
+
+
+VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS if precision == "fp32" or isa == "avx512")
+
+
+def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) -> None:
+    """The body of ``_kernel`` for one variant (see there)."""
+    bf16 = precision == "bf16"
+    vec, nv, panel = isa.vec, isa.vectors, isa.panel
+    fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
+    rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v = (
+        context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 5, 6, 8, 9, 11, 14, 15))
+    intp = context.get_value_type(types.intp)
+    const = lambda v: ir.Constant(intp, v)  # noqa: E731
+    data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
+    at = lambda p, off, ty=_F32: builder.gep(p, [off], source_etype=ty)  # noqa: E731
+    load_vec = lambda p, ty: builder.load(builder.bitcast(p, ty.as_pointer()), typ=ty, align=4)  # noqa: E731
+    x_base, tiles_ptr = at(data(4), x_off_v), data(7)
+    undef_f, undef_i = ir.Constant(fvec, ir.Undefined), ir.Constant(ivec, ir.Undefined)
+    splat = ir.Constant(ir.VectorType(_I32, vec), [0] * vec)
+    if bf16:
+        bvec = ir.VectorType(_BFloat(), 2 * vec)
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, bvec, bvec]),
+                                            f"llvm.x86.avx512bf16.dpbf16ps.{32 * vec}")
+    w_type = _I16 if bf16 else _F32
+    steps = builder.udiv(t_v, const(2)) if bf16 else t_v  # multiply-add steps per tile (bf16: input pairs)
+    row_len = 2 * panel if bf16 else panel                  # w elements per step
+    end = builder.append_basic_block("kernel.end")
+    cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, isa.max_rows + 1)]
+    switch = builder.switch(rows_v, cases[0][1])
+    for rows, block in cases:
+        switch.add_case(ir.Constant(intp, rows), block)
+    for rows, block in cases:
+        builder.position_at_end(block)
+        splits = max(1, min(4, isa.chains // (nv * rows)))
+        sets = [[cgutils.alloca_once(builder, fvec) for _ in range(nv * rows)] for _ in range(splits)]
+        for slot in (s for slots in sets for s in slots):  # promoted to registers by LLVM
+            builder.store(ir.Constant(fvec, [0.0] * vec), slot)
+
+        def step(w_base, x_rows, i, slots, rows=rows):  # slots[nv*r + c] += x[r, i] * w[i, c*vec : +vec]
+            w_row = at(w_base, builder.mul(i, const(row_len)), w_type)
+            if bf16:
+                w_vecs = [builder.bitcast(load_vec(at(w_row, const(2 * vec * c), w_type), ivec), bvec)
+                          for c in range(nv)]
+            else:
+                w_vecs = [load_vec(at(w_row, const(vec * c)), fvec) for c in range(nv)]
+            for r in range(rows):
+                if bf16:  # x holds the input pair (2i, 2i+1) in one 32-bit element: broadcast it
+                    value = builder.load(builder.bitcast(at(x_rows[r], i), _I32.as_pointer()), typ=_I32)
+                    bcast = builder.bitcast(builder.shuffle_vector(
+                        builder.insert_element(undef_i, value, ir.Constant(_I32, 0)), undef_i, splat), bvec)
+                else:
                     value = builder.load(at(x_rows[r], i), typ=_F32)
-                    bcast = builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)),
-                                                   undef, splat)
-                    for c, w_vec in enumerate(w_vecs):
-                        slot = slots[2 * r + c]
-                        total = builder.fadd(builder.load(slot, typ=_VEC), builder.fmul(bcast, w_vec, flags=_FAST),
-                                             flags=_FAST)
-                        builder.store(total, slot)
+                    bcast = builder.shuffle_vector(builder.insert_element(undef_f, value, ir.Constant(_I32, 0)),
+                                                   undef_f, splat)
+                for c, w_vec in enumerate(w_vecs):
+                    slot = slots[nv * r + c]
+                    acc = builder.load(slot, typ=fvec)
+                    if bf16:
+                        total = builder.call(dp, [acc, bcast, w_vec])
+                    else:
+                        total = builder.fadd(acc, builder.fmul(bcast, w_vec, flags=_FAST), flags=_FAST)
+                    builder.store(total, slot)
 
-            main = builder.udiv(t_v, const(splits)) if splits > 1 else t_v
-            with cgutils.for_range(builder, k_v) as tile:
-                w_base = at(data(0), builder.add(w_off_v, builder.mul(tile.index, builder.mul(t_v, const(PANEL)))))
-                src = builder.mul(builder.load(builder.gep(tiles_ptr, [tile.index], source_etype=intp), typ=intp), t_v)
-                x_rows = [at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)]
-                with cgutils.for_range(builder, main) as loop:
-                    for s_, slots in enumerate(sets):
-                        step(w_base, x_rows, builder.add(builder.mul(loop.index, const(splits)), const(s_)), slots)
-                if splits > 1:
-                    with cgutils.for_range(builder, builder.sub(t_v, builder.mul(main, const(splits)))) as loop:
-                        step(w_base, x_rows, builder.add(builder.mul(main, const(splits)), loop.index), sets[0])
-            bias = at(data(0), b_off_v)
-            lo = builder.shuffle_vector(builder.insert_element(undef, args[9], ir.Constant(_I32, 0)), undef, splat)
-            for j, slot in enumerate(sets[0]):
-                r, c = divmod(j, 2)
-                total = builder.load(slot, typ=_VEC)
-                for extra in sets[1:]:
-                    total = builder.fadd(total, builder.load(extra[j], typ=_VEC), flags=_FAST)
-                total = builder.fadd(total, load_vec(at(bias, const(8 * c))), flags=_FAST)
-                total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
-                target = at(data(10), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(8 * c))))
-                builder.store(total, builder.bitcast(target, _VEC.as_pointer()), align=4)
-            return context.get_dummy_value()
-        return sig, codegen
-    return kernel
+        main = builder.udiv(steps, const(splits)) if splits > 1 else steps
+        with cgutils.for_range(builder, k_v) as tile:
+            w_base = at(data(2), builder.add(w_off_v, builder.mul(tile.index, builder.mul(t_v, const(panel)))), w_type)
+            src = builder.mul(builder.load(builder.gep(tiles_ptr, [tile.index], source_etype=intp), typ=intp), steps)
+            x_rows = [at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)]
+            with cgutils.for_range(builder, main) as loop:
+                for s_, slots in enumerate(sets):
+                    step(w_base, x_rows, builder.add(builder.mul(loop.index, const(splits)), const(s_)), slots)
+            if splits > 1:
+                with cgutils.for_range(builder, builder.sub(steps, builder.mul(main, const(splits)))) as loop:
+                    step(w_base, x_rows, builder.add(builder.mul(main, const(splits)), loop.index), sets[0])
+        bias_ptr = at(data(10), b_off_v)
+        lo = builder.shuffle_vector(builder.insert_element(undef_f, args[12], ir.Constant(_I32, 0)), undef_f, splat)
+        for j, slot in enumerate(sets[0]):
+            r, c = divmod(j, nv)
+            total = builder.load(slot, typ=fvec)
+            for extra in sets[1:]:
+                total = builder.fadd(total, builder.load(extra[j], typ=fvec), flags=_FAST)
+            total = builder.fadd(total, load_vec(at(bias_ptr, const(vec * c)), fvec), flags=_FAST)
+            total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
+            target = at(data(13), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(vec * c))))
+            builder.store(total, builder.bitcast(target, fvec.as_pointer()), align=4)
+        builder.branch(end)
+    builder.position_at_end(end)
 
 
-_K1, _K2, _K3, _K4, _K5, _K6 = (_micro_kernel(r) for r in range(1, MAX_ROWS + 1))
+@intrinsic
+def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld):
+    """_kernel(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld):
+    dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
+    units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
+    r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
+    ``VARIANTS``) picks the vector width, tile and precision.
+
+    fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
+    (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
+    float32 array whose every element holds one input pair as two bf16 (offsets count pairs), broadcast
+    as one 32-bit value.
+
+    The loops are emitted in LLVM IR with explicit vectors because numba's auto-vectoriser vectorises
+    the i loop instead (strided loads, sums spilled to the stack) whatever the source says. Every row
+    count is its own unrolled kernel behind one ``switch``. The sums stay in registers over all live
+    tiles; bias and activation are applied on the way out, and ``dest`` is the layer's output itself
+    for whole panels, so a panel costs one call and nothing else. With few rows there are too few
+    independent sums to hide the FMA latency, so consecutive inputs go to ``splits`` separate sets of
+    sums, added up at the end."""
+    if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(VARIANTS):
+        raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into VARIANTS")
+    isa_name, precision = VARIANTS[variant.literal_value]
+    wtype = types.uint16 if precision == "bf16" else types.float32
+    arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32}
+    if not all(isinstance(a, types.Array) and a.dtype == d and a.layout == "C" for a, d in arrays.items()):
+        raise numba.core.errors.TypingError(f"micro-kernel: w must be C-contiguous {wtype}, x, bias and dest "
+                                            "float32, tiles intp")
+    if not all(isinstance(i, types.Integer) for i in (rows, w_off, x_off, ldx, k, t, b_off, dest_off, ld)):
+        raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
+    sig = types.void(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, types.float32, dest,
+                     dest_off, ld)
+
+    def codegen(context, builder, signature, args):
+        _emit_kernel(ISAS[isa_name], precision, context, builder, signature, args)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 _njit = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True)
 
 
-@_njit(inline="always")  # inlined: a call passes ~50 scalars
-def _accumulate(rows, w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld):
-    """The micro-kernel for 1..6 rows (each row count is its own unrolled kernel)."""
-    if rows == 6:
-        _K6(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-    elif rows == 5:
-        _K5(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-    elif rows == 4:
-        _K4(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-    elif rows == 3:
-        _K3(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-    elif rows == 2:
-        _K2(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-    else:
-        _K1(w, w_off, x, x_off, ldx, tiles, k, t, b_off, lo, dest, dest_off, ld)
-
-
 @_njit
-def _panel_layer(x, weights, tiles, m, out, relu):
-    """out = act(x @ W.T + bias) for the layer described by m, a row of ``FusedNet.meta``: output tile o
-    (t_out units) reads its k live input tiles tiles[tiles_off + o*k ...] (t_in units each); its panel c,
-    at weights[w_off + (o * C + c) * k * t_in * 16], holds units o*t_out + 16c .. +16. Rows are split
-    into near-equal chunks of at most 6 (64 = 9 x 6 + 2 x 5)."""
-    w_off, b_off, t_off, n_tiles, k, t_in, t_out = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
-    n, ldx = x.shape
-    n_panels = (t_out + PANEL - 1) // PANEL
-    panel_size = k * t_in * PANEL
-    flat, dest = x.reshape(-1), out.reshape(-1)
-    ldo = out.shape[1]
-    acc = np.empty(MAX_ROWS * PANEL, np.float32)  # for panels cut short by the tile or layer end
-    lo = np.float32(0.0) if relu else np.float32(-np.inf)
-    chunks = (n + MAX_ROWS - 1) // MAX_ROWS
-    for o in range(n_tiles):
-        live = tiles[t_off + o * k:t_off + (o + 1) * k]
-        for c in range(n_panels):
-            col = o * t_out + c * PANEL
-            width = min(PANEL, t_out - c * PANEL, ldo - col)
-            base = w_off + (o * n_panels + c) * panel_size
-            b0 = 0
-            for chunk in range(chunks):
-                rows = n // chunks + (1 if chunk < n % chunks else 0)
-                if width == PANEL:
-                    _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, b_off + col, lo, dest,
-                                b0 * ldo + col, ldo)
-                else:
-                    _accumulate(rows, weights, base, flat, b0 * ldx, ldx, live, k, t_in, b_off + col, lo, acc, 0,
-                                PANEL)
-                    for r in range(rows):
-                        out[b0 + r, col:col + width] = acc[r * PANEL:r * PANEL + width]
-                b0 += rows
+def _to_bf16(x, t, t_pad, out):
+    """out[tile*t_pad + i] = bf16 bits of x[tile*t + i] (round to nearest even), 0 for t <= i < t_pad: a row
+    with every input tile padded to an even length, for the bf16 kernel's input pairs."""
+    bits = x.view(np.uint32)
+    for tile in range(x.size // t):
+        for i in range(t):
+            b = bits[tile * t + i]
+            out[tile * t_pad + i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                                              >> np.uint32(16))
+        for i in range(t, t_pad):
+            out[tile * t_pad + i] = 0
 
 
-@_njit
-def _patches(x, p, out):
-    """Every p x p patch of x as one row of ``out`` (N * patches, C*p*p), in (image, patch row, patch
-    column) order."""
-    n, channels, size = x.shape[0], x.shape[1], x.shape[2]
-    grid = size // p
-    for b in range(n):
-        for c in range(channels):
-            for py in range(grid):
-                for i in range(p):
-                    m0 = (c * p + i) * p
-                    for px in range(grid):
-                        r = (b * grid + py) * grid + px
-                        for j in range(p):  # element by element: numba's slice objects cost more than the copy
-                            out[r, m0 + j] = x[b, c, py * p + i, px * p + j]
+@functools.lru_cache(maxsize=None)
+def _compiled(isa_name: str, precision: str, parallel: bool):
+    """The forward function of one micro-kernel variant: (x, p, weights, biases, tiles, meta, threads) -> logits.
+
+    A closure per variant, so every variant can be compiled and tested in one process. It captures only
+    plain constants (numba's disk cache keys a closure on them; a captured function would have a
+    process-unique identity and never hit the cache) and calls the module-level ``_kernel``."""
+    isa = ISAS[isa_name]
+    code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
+    bf16 = precision == "bf16"
+
+    @functools.partial(_njit, parallel=parallel)
+    def forward(x, p, weights, biases, tiles, meta, threads):
+        """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU). Layer li is described by
+        meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live input tiles
+        tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
+        (o * C + c) * k * t * panel], holds units o*t_out + panel*c .. +panel. Rows go in near-equal
+        chunks of at most max_rows; the parallel jobs are panels, or panels x row chunks where there are
+        too few panels for the threads."""
+        n, channels, grid = x.shape[0], x.shape[1], x.shape[2] // p
+        h = np.empty((n * grid * grid, channels * p * p), np.float32)  # every p x p patch as one row
+        for b in prange(n):
+            for c in range(channels):
+                for py in range(grid):
+                    for i in range(p):
+                        m0 = (c * p + i) * p
+                        for px in range(grid):
+                            r = (b * grid + py) * grid + px
+                            for j in range(p):  # element by element: numba's slice objects cost more than the copy
+                                h[r, m0 + j] = x[b, c, py * p + i, px * p + j]
+        last = meta.shape[0] - 1
+        for li in range(last + 1):
+            w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t = (
+                meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
+                meta[li, 7], meta[li, 8])
+            rows_in = h.shape[0]
+            if bf16:  # the input in bf16 pairs, every input tile padded to even length
+                xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
+                for r in prange(rows_in):
+                    _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
+            else:
+                xin = h
+            out = np.empty((rows_in, width_out), np.float32)
+            ldx, ldo = xin.shape[1], width_out
+            flat, dest = xin.reshape(-1), out.reshape(-1)
+            n_panels = (t_out + panel_width - 1) // panel_width
+            panel_size = k * t * panel_width  # bf16: t/2 input pairs x 2*panel values
+            lo = np.float32(0.0) if li < last else np.float32(-np.inf)  # ReLU but on the head
+            chunks = (rows_in + max_rows - 1) // max_rows
+            jobs = n_tiles * n_panels
+            parts = 1
+            if parallel and jobs < 4 * threads:  # (numba.get_num_threads() here would defeat the disk cache)
+                parts = min(chunks, (4 * threads + jobs - 1) // jobs)
+            small, extra = rows_in // chunks, rows_in % chunks
+            for job in prange(jobs * parts):
+                o, c, part = job // parts // n_panels, job // parts % n_panels, job % parts
+                live = tiles[t_off + o * k:t_off + (o + 1) * k]
+                col = o * t_out + c * panel_width
+                width = min(panel_width, t_out - c * panel_width, ldo - col)
+                base = w_off + (o * n_panels + c) * panel_size
+                first, stop = part * chunks // parts, (part + 1) * chunks // parts
+                b0 = first * small + min(first, extra)
+                acc = np.empty(max_rows * panel_width if width < panel_width else 0, np.float32)
+                for chunk in range(first, stop):
+                    rows = small + (1 if chunk < extra else 0)
+                    if width == panel_width:
+                        _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
+                                dest, b0 * ldo + col, ldo)
+                    else:  # a panel cut short by the tile or layer end
+                        _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
+                                acc, 0, panel_width)
+                        for r in range(rows):
+                            out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
+                    b0 += rows
+            h = out.reshape(n, grid * grid * width_out) if li == 0 else out  # encoder: one image per row
+        return h
+    return forward
 
 
-@_njit
-def _forward(x, p, weights, tiles, meta):
-    """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU)."""
-    n, grid = x.shape[0], x.shape[2] // p
-    patches = np.empty((n * grid * grid, x.shape[1] * p * p), np.float32)
-    _patches(x, p, patches)
-    h = np.empty((n * grid * grid, meta[0, 7]), np.float32)
-    _panel_layer(patches, weights, tiles, meta[0], h, True)
-    h = h.reshape(n, grid * grid * meta[0, 7])  # one image per row, the model's (N, patch * C_out + c) order
-    last = meta.shape[0] - 1
-    for li in range(1, last + 1):
-        out = np.empty((n, meta[li, 7]), np.float32)
-        _panel_layer(h, weights, tiles, meta[li], out, li < last)
-        h = out
-    return h
-
-
-def _panels(blocks: np.ndarray, t_out: int) -> np.ndarray:
-    """[O, K, t_out] (per output tile, input unit major) -> flat [O, ceil(t_out/16), K, 16], zero-padded."""
-    n_tiles, k, _ = blocks.shape
-    n_panels = -(-t_out // PANEL)
-    out = np.zeros((n_tiles, n_panels, k, PANEL), np.float32)
+def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str) -> np.ndarray:
+    """[O, k*t_in, t_out] (per output tile, input unit major) -> flat panels [O, ceil(t_out/panel), k*t_in,
+    panel] float32, zero-padded; bf16: every input tile padded to even length and the input pairs interleaved
+    per output, [O, C, k*t_pad/2, panel, 2] as bfloat16 bits (uint16)."""
+    n_tiles, rows, _ = blocks.shape
+    width = isa.panel
+    n_panels = -(-t_out // width)
+    out = np.zeros((n_tiles, n_panels, rows, width), np.float32)
     for c in range(n_panels):
-        width = min(PANEL, t_out - c * PANEL)
-        out[:, c, :, :width] = blocks[:, :, c * PANEL:c * PANEL + width]
-    return out.reshape(-1)
+        w = min(width, t_out - c * width)
+        out[:, c, :, :w] = blocks[:, :, c * width:c * width + w]
+    if precision == "fp32":
+        return out.reshape(-1)
+    k, t_pad = rows // t_in, t_in + t_in % 2
+    padded = np.zeros((n_tiles, n_panels, k, t_pad, width), np.float32)
+    padded[:, :, :, :t_in] = out.reshape(n_tiles, n_panels, k, t_in, width)
+    pairs = padded.reshape(n_tiles, n_panels, k * t_pad // 2, 2, width).transpose(0, 1, 2, 4, 3)
+    flat = np.ascontiguousarray(pairs).reshape(1, -1)
+    bits = np.empty(flat.size, np.uint16)
+    _to_bf16(flat.reshape(-1), flat.size, flat.size, bits)
+    return bits
 
 
-def _dense(weight: np.ndarray, bias: np.ndarray) -> tuple:
+def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tuple:
     """A dense [out, in] weight as panels over one input tile spanning all inputs."""
     n_out, n_in = weight.shape
-    n_tiles = -(-n_out // PANEL)
-    padded = np.zeros((n_tiles * PANEL, n_in), np.float32)
+    width = isa.panel
+    n_tiles = -(-n_out // width)
+    padded = np.zeros((n_tiles * width, n_in), np.float32)
     padded[:n_out] = weight
-    blocks = padded.reshape(n_tiles, PANEL, n_in).transpose(0, 2, 1)  # [O, in, 16]
-    return _panels(blocks, PANEL), np.zeros((n_tiles, 1), np.int64), n_in, PANEL, bias, n_out
+    blocks = padded.reshape(n_tiles, width, n_in).transpose(0, 2, 1)  # [O, in, panel]
+    return _panels(blocks, n_in, width, isa, precision), np.zeros((n_tiles, 1), np.int64), n_in, width, bias, n_out
 
 
-def _layer(layer: PackedLayer) -> tuple:
+def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
     """(panels, idx, t_in, t_out, bias, out_features) of any packed layer."""
     bias = layer.tensors["bias"].numpy()
     if layer.format != "block":
-        return _dense(layer.dense_weight().numpy(), bias)
+        return _dense(layer.dense_weight().numpy(), bias, isa, precision)
     blocks, idx = layer.tensors["blocks"].numpy(), layer.tensors["idx"].numpy().astype(np.int64)
     t = blocks.shape[2]  # blocks: [O, k*t, t], input unit major
-    return _panels(blocks, t), idx, t, t, bias, layer.out_features
+    return _panels(blocks, t, t, isa, precision), idx, t, t, bias, layer.out_features
 
 
-META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features")
+META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel")
+
+
+def _aligned(size: int, dtype, line: int) -> np.ndarray:
+    """A zeroed array of ``size`` elements starting on a 64-byte boundary."""
+    buffer = np.zeros(size + line, dtype)
+    start = (-buffer.ctypes.data % 64) // buffer.itemsize
+    return buffer[start:start + size]
 
 
 class FusedNet:
-    """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through ``_forward``.
+    """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through one compiled forward.
 
-    All layers (encoder, hidden layers, head) live in one 64-byte-aligned float32 buffer ``weights``
-    (panels and biases, every segment starting on a cache line) and one int64 buffer ``tiles`` (live
-    input tiles), described by ``meta`` (one row per layer, columns ``META``): three arrays to pass per
-    call instead of tuples of ~20, which is most of numba's per-call cost at batch 1."""
+    All layers (encoder, hidden layers, head) live in one 64-byte-aligned buffer ``weights`` (panels:
+    float32, or bf16 bits), one float32 buffer ``biases`` and one int64 buffer ``tiles`` (live input
+    tiles), every segment starting on a cache line, described by ``meta`` (one row per layer, columns
+    ``META``; t_kernel is t_in, or t_in rounded up to even for bf16): a few arrays to pass per call instead
+    of tuples of ~20, which is most of numba's per-call cost at batch 1.
 
-    def __init__(self, packed: PackedNet):
+    ``isa`` (default: the widest this CPU runs, ``host_isa``) picks the micro-kernel shape; ``threads`` > 1
+    compiles the parallel variant, run on that many numba threads."""
+
+    def __init__(self, packed: PackedNet, isa: str | None = None, precision: str = "fp32", threads: int = 1):
         if not packed.layers:
             raise ValueError("the fused backend needs at least one hidden layer")
+        isa = host_isa() if isa is None else isa
+        if isa not in ISAS or precision not in PRECISIONS:
+            raise ValueError(f"fused: unknown variant {isa}/{precision}; ISAs {', '.join(ISAS)}, precisions "
+                             f"{', '.join(PRECISIONS)}")
+        if not supported(isa, precision):
+            raise ValueError(f"fused: this CPU ({host_isa()}) cannot run the {isa} kernel at {precision}"
+                             + (" (bf16 needs AVX512-BF16)" if precision == "bf16" else ""))
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"fused: threads must be 1..{numba.config.NUMBA_NUM_THREADS} (numba's thread count), "
+                             f"got {threads}")
+        self.isa, self.precision, self.threads = ISAS[isa], precision, threads
         conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1).numpy()
-        layers = [_dense(conv, packed.conv_bias.numpy()), *(_layer(l) for l in packed.layers),
-                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy())]
-        line = 16  # floats per 64-byte cache line
-        segments, meta, size, t_off = [], [], 0, 0
+        layers = [_dense(conv, packed.conv_bias.numpy(), self.isa, precision),
+                  *(_layer(l, self.isa, precision) for l in packed.layers),
+                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy(), self.isa, precision)]
+        dtype = np.uint16 if precision == "bf16" else np.float32
+        line, bline = 64 // np.dtype(dtype).itemsize, 16  # elements per 64-byte cache line
+        segments, meta, w_size, b_size, t_off = [], [], 0, 0, 0
         for panels, idx, t_in, t_out, bias, width in layers:
-            w_off, b_off = size, size + -(-panels.size // line) * line
-            size = b_off + -(-bias.size // line) * line + PANEL  # the kernel reads PANEL biases from any panel start
-            segments += [(w_off, panels), (b_off, bias)]
-            meta.append((w_off, b_off, t_off, *idx.shape, t_in, t_out, width))
+            t_kernel = t_in + t_in % 2 if precision == "bf16" else t_in
+            segments.append((w_size, panels, b_size, bias))
+            meta.append((w_size, b_size, t_off, *idx.shape, t_in, t_out, width, t_kernel))
+            w_size += -(-panels.size // line) * line
+            b_size += -(-bias.size // bline) * bline + self.isa.panel  # the kernel reads a panel of biases anywhere
             t_off += idx.size
-        buffer = np.zeros(size + line, np.float32)
-        start = (-buffer.ctypes.data % 64) // 4
-        self.weights = buffer[start:start + size]
-        for off, values in segments:
-            self.weights[off:off + values.size] = values.reshape(-1)
+        self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
+        for w_off, panels, b_off, bias in segments:
+            self.weights[w_off:w_off + panels.size] = panels.reshape(-1)
+            self.biases[b_off:b_off + bias.size] = bias
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
         self.patch_size = packed.patch_size
         self.input_shape = tuple(packed.input_shape)
+        self._forward = _compiled(isa, precision, threads > 1)
+
+    @property
+    def variant(self) -> dict:
+        """What runs: for benchmark manifests."""
+        return describe(self.isa.name, self.precision, self.threads)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
-        return _forward(x, self.patch_size, self.weights, self.tiles, self.meta)
+        if self.threads > 1:
+            numba.set_num_threads(self.threads)  # per calling thread
+        return self._forward(x, self.patch_size, self.weights, self.biases, self.tiles, self.meta, self.threads)
 
 
-def fused_runner(packed: PackedNet):
+def fused_runner(packed: PackedNet, threads: int | None = None, precision: str = "fp32", isa: str | None = None):
     """A runtime ``run(x: Tensor) -> Tensor`` over ``FusedNet``, compiled (or loaded from numba's cache) now,
-    so that the first request does not pay for it."""
-    net = FusedNet(packed)
+    so that the first request does not pay for it. ``run.variant`` says which micro-kernel runs."""
+    net = FusedNet(packed, isa=isa, precision=precision, threads=threads or 1)
     net(np.zeros((1, *net.input_shape), np.float32))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(net(x.numpy(force=True)))  # force: detached, on the CPU (a no-op if so)
+    run.variant = net.variant
     return run

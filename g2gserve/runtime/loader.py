@@ -5,8 +5,8 @@
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU function over the live tiles (numba; fastest at small batches, single-threaded). ``variant="dense"``
-loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
+CPU function over the live tiles (numba; ``threads`` share its panels; ``precision="bf16"`` opt-in).
+``variant="dense"`` loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
 """
 from __future__ import annotations
 
@@ -71,12 +71,15 @@ def _ort_runner(session):
 
 
 def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
-         threads: int | None = None) -> InferenceModel:
-    """Load an export directory (validated) or a checkpoint (exported in memory)."""
+         threads: int | None = None, precision: str = "fp32") -> InferenceModel:
+    """Load an export directory (validated) or a checkpoint (exported in memory). ``precision="bf16"``: the
+    fused backend with bfloat16 weights (CPUs with AVX512-BF16)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
+    if precision != "fp32" and backend != "fused":
+        raise ValueError(f"precision {precision!r} needs the fused backend")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"
     if backend != "torch" and device != "cpu":
@@ -99,7 +102,7 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         run = _torch_runner(PackedModule(net), torch.device(device))
     elif backend == "fused":
         from g2gserve.runtime.fused import fused_runner  # imports numba (~60 MB): only for this backend
-        run = fused_runner(densify(packed) if variant == "dense" else packed)
+        run = fused_runner(densify(packed) if variant == "dense" else packed, threads=threads, precision=precision)
     else:
         try:
             run = _ort_runner(ort_session(onnx_source, threads))

@@ -1,0 +1,66 @@
+"""G MAC/s: the multiply-adds a model needs, and the core's measured peak to compare them with.
+
+Why: a latency ratio says how much faster sparse is than dense, not how close either runs to what the
+CPU can do. ``model_macs`` counts the multiply-adds of one forward pass from the packed weights (only
+the stored, live weights of a sparse layer: the work the model needs, not the zero padding a kernel may
+add), and ``gemm_peak`` times a large dense GEMM (onnxruntime's MatMul, the fastest one we have on a
+CPU) on the same threads, so "fraction of peak" is measured in the same run, not taken from a datasheet.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from g2gserve.formats import PackedLayer, PackedNet
+
+GEMM_SIZE = 2048  # M = N = K: large enough to run at the core's peak, ~0.1 s per call on one core
+
+
+def layer_macs(layer: PackedLayer) -> int:
+    """Multiply-adds per input row of one packed layer: its stored weights (block tiles, CSR values)."""
+    if layer.format == "block":
+        return int(layer.tensors["blocks"].numel())
+    if layer.format == "csr":
+        return int(layer.tensors["values"].numel())
+    return layer.in_features * layer.out_features
+
+
+def model_macs(packed: PackedNet, batch: int = 1) -> int:
+    """Multiply-adds of one forward pass over ``batch`` images: patch conv, hidden layers, head."""
+    conv_out = packed.conv_weight.shape[0]
+    patches = (packed.image_size // packed.patch_size) ** 2
+    conv = patches * conv_out * packed.conv_weight[0].numel()
+    head = packed.head_weight.numel()
+    return batch * int(conv + sum(layer_macs(l) for l in packed.layers) + head)
+
+
+def gemm_peak(threads: int = 1, seconds: float = 1.0, size: int = GEMM_SIZE) -> dict:
+    """The best G MAC/s of a size^3 float32 MatMul in onnxruntime on ``threads`` threads (best of the calls
+    that fit in ``seconds``, at least 3, after one warm-up call)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from g2gserve.export import ort_session
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm", [a, b], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    session = ort_session(model, threads)
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((size, size), np.float32), "b": rng.standard_normal((size, size), np.float32)}
+    session.run(None, feeds)
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        session.run(None, feeds)
+        best, calls = min(best, time.perf_counter() - t), calls + 1
+    return {"size": size, "threads": threads, "best_s": best, "gmacs": size ** 3 / best / 1e9}
+
+
+def gmacs(macs: int, seconds: float) -> float:
+    """G MAC/s of ``macs`` multiply-adds done in ``seconds``."""
+    return macs / seconds / 1e9
