@@ -13,12 +13,14 @@ from tqdm import tqdm
 
 from g2gserve.bench.measure import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
                                 peak_memory, pin_threads)
+from g2gserve.bench.peak import gemm_peak, model_macs, packed_of
+from g2gserve.bench.reduced import REDUCED, load_bench_model, precision_of
 from g2gserve.model.config import ModelConfig
 from g2gserve.export import read_export
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
-from g2gserve.runtime import BACKENDS, load
+from g2gserve.runtime import BACKENDS
 from g2gserve.runtime.torch_backend import PackedModule
 
 SWEEP_SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
@@ -51,12 +53,37 @@ def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
     return {"model_onnx_bytes": art.model_onnx.ByteSize(), "dense_onnx_bytes": art.dense_onnx.ByteSize()}
 
 
+def _throughput_lines(result: dict) -> list[str]:
+    """G MAC/s at p50 (the multiply-adds each model needs, zero padding not counted) and, with a peak measured
+    in the same run, the fraction of it; plus which fused micro-kernel ran."""
+    if "macs_per_image" not in result:
+        return []
+    macs, peak = result["macs_per_image"], result.get("peak")
+    lines = ["", f"Multiply-adds per image: sparse {macs['sparse']:,}, dense {macs['dense']:,} "
+                 f"({macs['dense'] / macs['sparse']:.2f}x)."
+             + (f" Peak: a {peak['size']}^3 float32 GEMM (onnxruntime MatMul) on {peak['threads']} thread(s), "
+                f"{peak['gmacs']:.1f} G MAC/s (best call)." if peak else ""), "",
+             "| backend | batch | sparse G MAC/s | dense G MAC/s |" + (" sparse / peak | dense / peak |" if peak else ""),
+             "|---|---|---|---|" + ("---|---|" if peak else "")]
+    for r in result["runs"]:
+        line = f"| {r['backend']} | {r['batch']} | {r['gmacs_sparse']:.1f} | {r['gmacs_dense']:.1f} |"
+        if peak:
+            line += f" {r['gmacs_sparse'] / peak['gmacs']:.0%} | {r['gmacs_dense'] / peak['gmacs']:.0%} |"
+        lines.append(line)
+    for backend, k in result.get("fused_kernel", {}).items():
+        lines += ["", f"{backend} micro-kernel: {k['isa']} ({k['vector_floats']}-float vectors, {k['tile_rows']} x "
+                      f"{k['tile_columns']} tile, {k['precision']}), {k['threads']} thread(s), LLVM CPU {k['cpu']}."]
+    return lines
+
+
 def bench_model(path: Path, backends: list[str], batches: list[int], device: str, threads: int, seconds: float,
                 memory: bool = True, run_length: int = 1) -> dict:
     runs, best, models = [], [], {}
     for backend in backends:
         for variant in ("sparse", "dense"):
-            models[backend, variant] = load(path, backend=backend, device=device, variant=variant, threads=threads)
+            models[backend, variant] = load_bench_model(path, backend, variant, device, threads)
+    packed = packed_of(path)
+    macs = {"sparse": model_macs(packed), "dense": model_macs(densify(packed))}  # per image
     manifest = models[backends[0], "sparse"].manifest
     dev = torch.device(device)
     chunks = max(1, round(seconds / CHUNK_SECONDS))
@@ -81,26 +108,33 @@ def bench_model(path: Path, backends: list[str], batches: list[int], device: str
         for backend in backends:
             ts, td = times[backend]["sparse"], times[backend]["dense"]
             ls, ld = Latency.of(ts), Latency.of(td)
-            at.append({"backend": backend, "batch": n, "sparse": as_dict(ls), "dense": as_dict(ld),
-                       "speedup": pairwise_speedup(ts, td),
-                       "throughput_sparse": n / (ls.p50_ms / 1e3), "throughput_dense": n / (ld.p50_ms / 1e3)})
+            at.append({"backend": backend, "precision": precision_of(backend), "batch": n, "sparse": as_dict(ls),
+                       "dense": as_dict(ld), "speedup": pairwise_speedup(ts, td),
+                       "throughput_sparse": n / (ls.p50_ms / 1e3), "throughput_dense": n / (ld.p50_ms / 1e3),
+                       "gmacs_sparse": n * macs["sparse"] / ls.p50_ms / 1e6,
+                       "gmacs_dense": n * macs["dense"] / ld.p50_ms / 1e6})
             bar.write(f"{backend:<12} batch {n:>4}: sparse p50 {ls.p50_ms:8.3f} ms  dense p50 {ld.p50_ms:8.3f} ms  "
                       f"speedup {at[-1]['speedup']:.2f}x")
         runs += at
-        s = min(at, key=lambda r: r["sparse"]["p50_ms"])
-        d = min(at, key=lambda r: r["dense"]["p50_ms"])
-        best.append({"batch": n, "sparse_backend": s["backend"], "dense_backend": d["backend"],
-                     "sparse_p50_ms": s["sparse"]["p50_ms"], "dense_p50_ms": d["dense"]["p50_ms"],
-                     "speedup": d["dense"]["p50_ms"] / s["sparse"]["p50_ms"]})
+        for group in dict.fromkeys("fp32" if r["precision"] == "fp32" else "reduced" for r in at):
+            same = [r for r in at if (r["precision"] == "fp32") == (group == "fp32")]  # best vs best, same precision
+            s = min(same, key=lambda r: r["sparse"]["p50_ms"])
+            d = min(same, key=lambda r: r["dense"]["p50_ms"])
+            best.append({"batch": n, "precision": group, "sparse_backend": s["backend"], "dense_backend": d["backend"],
+                         "sparse_p50_ms": s["sparse"]["p50_ms"], "dense_p50_ms": d["dense"]["p50_ms"],
+                         "speedup": d["dense"]["p50_ms"] / s["sparse"]["p50_ms"]})
     mem = []
     if memory:
-        for backend in tqdm(backends, desc="memory", unit="backend"):
+        for backend in tqdm([b for b in backends if b in BACKENDS], desc="memory", unit="backend"):
             for variant in ("sparse", "dense"):
                 m = peak_memory(str(path), backend, variant, max(batches), device, threads)
                 mem.append({"backend": backend, "variant": variant, "batch": max(batches), **m})
     sizes = dict(manifest.get("sizes", {})) | _onnx_bytes(path, manifest)
+    from g2gserve.runtime.fused import describe  # numba: only where the fused backend ran
+    kernels = {b: describe(precision="bf16" if b == "fused-bf16" else "fp32", threads=threads)
+               for b in backends if b in ("fused", "fused-bf16")} if {"fused", "fused-bf16"} & set(backends) else {}
     return {"model": str(path), "layers": [{k: l[k] for k in ("name", "format", "density")} for l in manifest["layers"]],
-            "runs": runs, "best": best, "memory": mem, "sizes": sizes}
+            "runs": runs, "best": best, "memory": mem, "sizes": sizes, "macs_per_image": macs, "fused_kernel": kernels}
 
 
 def sweep(batches: list[int], threads: int, seconds: float, device: str) -> list[dict]:
@@ -156,11 +190,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['backend']} | {r['batch']} | {s['p50_ms']:.3f} / {s['p95_ms']:.3f} / {s['p99_ms']:.3f} | "
                          f"{d['p50_ms']:.3f} / {d['p95_ms']:.3f} / {d['p99_ms']:.3f} | {r['speedup']:.2f}x | "
                          f"{r['throughput_sparse']:,.0f} | {r['throughput_dense']:,.0f} |")
-        lines += ["", "Best sparse backend vs best dense backend (p50):", "",
-                  "| batch | sparse (backend) | dense (backend) | speedup |", "|---|---|---|---|"]
+        lines += ["", "Best sparse backend vs best dense backend (p50), at the same precision (fp32; or bf16/int8 "
+                      "against each other):", "",
+                  "| batch | precision | sparse (backend) | dense (backend) | speedup |", "|---|---|---|---|---|"]
         for b in result["best"]:
-            lines.append(f"| {b['batch']} | {b['sparse_p50_ms']:.3f} ms ({b['sparse_backend']}) | "
-                         f"{b['dense_p50_ms']:.3f} ms ({b['dense_backend']}) | **{b['speedup']:.2f}x** |")
+            lines.append(f"| {b['batch']} | {b.get('precision', 'fp32')} | {b['sparse_p50_ms']:.3f} ms "
+                         f"({b['sparse_backend']}) | {b['dense_p50_ms']:.3f} ms ({b['dense_backend']}) | "
+                         f"**{b['speedup']:.2f}x** |")
+        lines += _throughput_lines(result)
         sz = result["sizes"]
         lines += ["", "| size | sparse | dense | ratio |", "|---|---|---|---|",
                   f"| stored weights | {sz['stored_weight_bytes']:,} B | {sz['dense_weight_bytes']:,} B | "
@@ -237,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, nargs="?", help="export directory or model.pt (optional with --sweep)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
-    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="comma-separated: torch, onnxruntime, fused")
+    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS),
+                   help="comma-separated: torch, onnxruntime, fused; reduced precision (compared among themselves): "
+                        "fused-bf16 (AVX512-BF16 CPUs), onnxruntime-int8 (quantize_dynamic)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend and batch size (after warm-up); the backends take turns in chunks of "
@@ -249,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the other model evicted its weights from the caches); N > 1 times N warm calls per switch "
                         "(the first call after a switch is not counted), like a server that runs one model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip timing a 2048^3 dense GEMM (onnxruntime MatMul) as the core's peak G MAC/s")
     p.add_argument("--profile", action="store_true",
                    help="also profile model.onnx and dense.onnx node by node with onnxruntime's profiler "
                         "(export directory only): where the time goes, per op type")
@@ -262,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is None and not args.sweep:
         parser.error("give a MODEL (export directory or model.pt), or --sweep")
-    unknown = [b for b in args.backends if b not in BACKENDS]
+    unknown = [b for b in args.backends if b not in BACKENDS and b not in REDUCED]
     if unknown:
-        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join((*BACKENDS, *REDUCED))}")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda asked for but torch sees no CUDA device")
@@ -287,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = tuple(read_export(args.model)[0].input_shape)
             result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}
                                  for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
+        if args.model is not None and not args.no_peak and args.device == "cpu":
+            result["peak"] = gemm_peak(args.threads)
         if args.sweep:
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
     except (ValueError, RuntimeError, OSError) as e:

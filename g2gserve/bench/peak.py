@@ -9,6 +9,7 @@ CPU) on the same threads, so "fraction of peak" is measured in the same run, not
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,16 @@ def model_macs(packed: PackedNet, batch: int = 1) -> int:
     conv = patches * conv_out * packed.conv_weight[0].numel()
     head = packed.head_weight.numel()
     return batch * int(conv + sum(layer_macs(l) for l in packed.layers) + head)
+
+
+def packed_of(path: str | Path) -> PackedNet:
+    """The packed network of an export directory or a checkpoint (packed the way ``runtime.load`` packs it)."""
+    from g2gserve.export import build_artifacts, read_export
+    from g2gserve.model.checkpoint import load_model
+    path = Path(path)
+    if path.is_dir():
+        return read_export(path)[0]
+    return build_artifacts(*load_model(path)).packed
 
 
 def gemm_peak(threads: int = 1, seconds: float = 1.0, size: int = GEMM_SIZE) -> dict:
