@@ -1,0 +1,105 @@
+"""G MAC/s and peak, reduced-precision backends, the accuracy gate and the generated kernel section of the docs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from g2gserve.bench.accuracy import GATE, agreement, precision_gate
+from g2gserve.bench.kernel_report import BEGIN, END, replace_section, section, summarise
+from g2gserve.bench.peak import gemm_peak, model_macs, packed_of
+from g2gserve.export import export_checkpoint
+from g2gserve.formats import densify, pack_model
+from g2gserve.model.g2gnet import build_model
+from g2gserve.runtime.fused import describe, supported
+
+from conftest import tiny_config
+from test_export import _checkpoint
+
+REDUCED = ["onnxruntime-int8"] + (["fused-bf16"] if supported("avx512", "bf16") else [])
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    _, _, path = _checkpoint(tmp_path, granularity="block")
+    export_checkpoint(path, tmp_path / "exp")
+    return tmp_path / "exp"
+
+
+def test_macs_count_only_the_live_weights():
+    torch.manual_seed(0)
+    packed = pack_model(build_model(tiny_config(granularity="block")).eval(), "auto")
+    conv = packed.conv_weight.numel() * (packed.image_size // packed.patch_size) ** 2
+    head = packed.head_weight.numel()
+    dense_layers = sum(l.in_features * l.out_features for l in packed.layers)
+    assert model_macs(densify(packed), 3) == 3 * (conv + dense_layers + head)
+    live = sum(l.in_features * l.out_features * l.density for l in packed.layers)
+    assert model_macs(packed, 3) == pytest.approx(3 * (conv + live + head))
+    assert model_macs(packed) < model_macs(densify(packed))
+
+
+def test_gemm_peak_times_a_matmul():
+    peak = gemm_peak(threads=1, seconds=0, size=128)
+    assert peak["size"] == 128 and peak["threads"] == 1 and peak["gmacs"] == pytest.approx(128 ** 3 / peak["best_s"] / 1e9)
+
+
+def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_dir, tmp_path, monkeypatch):
+    import server.bench as bench
+    monkeypatch.setattr(bench, "gemm_peak", lambda threads: gemm_peak(threads, seconds=0, size=128))
+    out = tmp_path / "b"
+    assert bench.main([str(export_dir), "--batch-sizes", "1,3", "--seconds", "0.05", "--no-memory",
+                       "--backends", ",".join(["fused", "onnxruntime", *REDUCED]), "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    macs = model_macs(packed_of(export_dir))
+    assert result["macs_per_image"]["sparse"] == macs and result["peak"]["gmacs"] > 0
+    for r in result["runs"]:
+        assert r["gmacs_sparse"] == pytest.approx(r["batch"] * macs / r["sparse"]["p50_ms"] / 1e6)
+        assert r["precision"] == {"fused-bf16": "bf16", "onnxruntime-int8": "int8"}.get(r["backend"], "fp32")
+    best = {(b["batch"], b["precision"]): b for b in result["best"]}
+    assert set(best) == {(n, p) for n in (1, 3) for p in ("fp32", "reduced")}
+    assert all(b["dense_backend"] in REDUCED for (n, p), b in best.items() if p == "reduced")
+    assert result["fused_kernel"]["fused"] == describe()
+    text = (out / "bench.md").read_text()
+    assert "G MAC/s" in text and "/ peak" in text and f"{describe()['isa']} (" in text
+
+
+def test_reduced_backends_need_what_they_need(tmp_path, capsys):
+    import server.bench as bench
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path), "--backends", "fused-int4"])
+    assert "onnxruntime-int8" in capsys.readouterr().err  # the list of valid names
+
+
+def test_accuracy_gate_compares_top1_image_by_image(export_dir):
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    got = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    a = agreement(ref, got, np.array([0, 1, 1]))
+    assert a["top1_agreement"] == pytest.approx(2 / 3) and a["max_prob_diff"] == pytest.approx(0.2)
+    assert a["accuracy_fp32"] == pytest.approx(2 / 3) and a["accuracy"] == 1.0
+    images = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
+    rows = precision_gate(export_dir, images, np.zeros(40, np.int64), REDUCED, batch=16)
+    assert {(r["backend"], r["variant"]) for r in rows} == {(b, v) for b in REDUCED for v in ("sparse", "dense")}
+    for r in rows:
+        assert r["images"] == 40 and r["passed"] == (r["top1_agreement"] >= GATE) and r["max_prob_diff"] < 0.5
+
+
+def _fake_run(speedup64: float, fused64_ms: float, threads: int) -> dict:
+    """A g2g-bench result with just what the report reads."""
+    runs = [{"backend": b, "batch": 64, "sparse": {"p50_ms": fused64_ms}, "dense": {"p50_ms": fused64_ms * speedup64},
+             "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime")]
+    best = [{"batch": n, "precision": p, "speedup": s} for n in (1, 64) for p, s in (("fp32", speedup64), ("reduced", 2.0))]
+    return {"runs": runs, "best": best, "peak": {"gmacs": 100.0}}
+
+
+def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
+    runs = {1: [_fake_run(s, 1.0, 1) for s in (3.4, 3.6, 3.7)], 2: [_fake_run(3.2, 0.5, 2)] * 3}
+    s = summarise(runs)
+    assert s["fp32_batch64"]["median"] == 3.6 and (s["fp32_batch64"]["min"], s["fp32_batch64"]["max"]) == (3.4, 3.7)
+    assert s["threads2_scaling"]["median"] == 2.0 and s["peak_fraction_batch64"]["median"] == 0.8
+    text = section(s, {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3, tmp_path)
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
+    assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; onnxruntime-int8" in text
+    doc = "# Benchmarks\n\nintro\n"
+    once = replace_section(doc, text)
+    assert replace_section(once, text) == once and once.startswith(doc)
