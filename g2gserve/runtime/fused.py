@@ -329,13 +329,13 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
                 base = w_off + (o * n_panels + c) * panel_size
                 first, stop = part * chunks // parts, (part + 1) * chunks // parts
                 b0 = first * small + min(first, extra)
-                acc = np.empty(max_rows * panel_width if width < panel_width else 0, np.float32)
                 for chunk in range(first, stop):
                     rows = small + (1 if chunk < extra else 0)
                     if width == panel_width:
                         _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
                                 dest, b0 * ldo + col, ldo)
-                    else:  # a panel cut short by the tile or layer end
+                    else:  # a panel cut short by the tile or layer end (rare: allocated only here)
+                        acc = np.empty(max_rows * panel_width, np.float32)
                         _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
                                 acc, 0, panel_width)
                         for r in range(rows):
