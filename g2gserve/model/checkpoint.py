@@ -5,28 +5,20 @@ A checkpoint is a plain dict of tensors, strings and numbers loaded with
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from g2gserve import __version__
+from g2gserve.errors import CheckpointError  # noqa: F401  (re-exported)
 from g2gserve.model.config import ModelConfig
 from g2gserve.fileio import atomic_write
 from g2gserve.model.g2gnet import G2GNet, build_model
 from g2gserve.data.preprocess import Preprocess
+from g2gserve.versions import versions
 
 FORMAT = "g2gserve.checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file is missing, corrupt, or not a g2gserve checkpoint; the message names the file."""
-
-
-def versions() -> dict[str, str]:
-    return {"g2gserve": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 @dataclass
@@ -44,7 +36,7 @@ class Checkpoint:
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(), "state_dict": self.state_dict, "classes": list(self.classes),
             "preprocess": self.preprocess.to_dict(), "history": self.history, "seed": self.seed,
-            "meta": self.meta | {"versions": versions()},
+            "meta": self.meta | {"versions": versions("torch")},
         }
 
     def build(self) -> G2GNet:

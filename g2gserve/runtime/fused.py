@@ -236,13 +236,9 @@ def _dense(weight: np.ndarray, bias: np.ndarray) -> tuple:
 
 
 def _layer(layer: PackedLayer) -> tuple:
-    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer."""
-    bias = layer.tensors["bias"].numpy()
-    if layer.format != "block":
-        return _dense(layer.dense_weight().numpy(), bias)
-    blocks, idx = layer.tensors["blocks"].numpy(), layer.tensors["idx"].numpy().astype(np.int64)
-    t = blocks.shape[2]  # blocks: [O, k*t, t], input unit major
-    return _panels(blocks, t), idx, t, t, bias, layer.out_features
+    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer, from its format's tiles."""
+    blocks, idx, t_in, t_out = layer.spec.fused_tiles(layer)  # blocks: [O, k*t_in, t_out], input unit major
+    return _panels(blocks, t_out), idx.astype(np.int64), t_in, t_out, layer.tensors["bias"], layer.out_features
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features")
@@ -259,9 +255,9 @@ class FusedNet:
     def __init__(self, packed: PackedNet):
         if not packed.layers:
             raise ValueError("the fused backend needs at least one hidden layer")
-        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1).numpy()
-        layers = [_dense(conv, packed.conv_bias.numpy()), *(_layer(l) for l in packed.layers),
-                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy())]
+        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
+        layers = [_dense(conv, packed.conv_bias), *(_layer(l) for l in packed.layers),
+                  _dense(packed.head_weight, packed.head_bias)]
         line = 16  # floats per 64-byte cache line
         segments, meta, size, t_off = [], [], 0, 0
         for panels, idx, t_in, t_out, bias, width in layers:
