@@ -13,7 +13,7 @@ import torch
 
 from g2gserve.formats.base import PackedNet, format_of
 from g2gserve.formats.block import is_block_structured
-from g2gserve.model.g2gnet import G2GNet, unit_groups
+from g2gserve.model.g2gnet import G2GNet
 from g2gserve.model.masks import tile_order
 
 FORMAT_CHOICES = ("auto", "block", "csr", "dense")
@@ -49,7 +49,10 @@ def pack_model(model: G2GNet, fmt: str = "auto") -> PackedNet:
     cfg = model.cfg
     model = model.cpu()
     if cfg.is_sparse:
-        orders = [tile_order(g).numpy() for g in unit_groups(cfg)]
+        if model.groups is None:
+            raise ValueError("a sparse model without unit groups cannot be packed (build it with build_model or "
+                             "load it from a checkpoint)")
+        orders = [tile_order(g.cpu()).numpy() for g in model.groups]
     else:
         orders = [np.arange(model.hidden[0].in_features)] + [np.arange(l.out_features) for l in model.hidden]
     block = cfg.block_size if (cfg.is_sparse and cfg.granularity == "block") else 0
