@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 
 from g2gserve.formats import PackedLayer, PackedNet
 
@@ -282,13 +281,3 @@ class FusedNet:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         return _forward(x, self.patch_size, self.weights, self.tiles, self.meta)
 
-
-def fused_runner(packed: PackedNet):
-    """A runtime ``run(x: Tensor) -> Tensor`` over ``FusedNet``, compiled (or loaded from numba's cache) now,
-    so that the first request does not pay for it."""
-    net = FusedNet(packed)
-    net(np.zeros((1, *net.input_shape), np.float32))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(net(x.numpy(force=True)))  # force: detached, on the CPU (a no-op if so)
-    return run
