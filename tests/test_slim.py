@@ -88,3 +88,11 @@ def test_import_g2gserve_is_light():
     out = _run(BLOCK_TORCH + "import sys, json, g2gserve, g2gserve.bundle, g2gserve.formats\n"
                "print(json.dumps({'version': g2gserve.__version__}))")
     assert out["version"]
+
+
+def test_the_server_imports_neither_onnx_nor_training_code():
+    pytest.importorskip("fastapi")
+    out = _run("import sys, json, server.app, server.cli\n"
+               "heavy = ('onnx', 'g2gserve.data.datasets', 'training', 'g2gserve.export')\n"
+               "print(json.dumps({'imported': [m for m in heavy if sys.modules.get(m) is not None]}))")
+    assert out["imported"] == []
