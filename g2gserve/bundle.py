@@ -9,7 +9,8 @@
 ``read_bundle`` validates everything before anything is used: the manifest's schema and version, that
 ``files`` lists every artifact by plain file name with a matching sha256, tensor shapes/dtypes and index
 ranges (each format's ``validate``). Reading needs numpy and safetensors only (no torch, no onnx).
-``g2gserve.export`` writes bundles; ``python -m g2gserve.bundle --schema`` prints the manifest's JSON Schema.
+``g2gserve.export`` writes bundles; ``python -m g2gserve.bundle --schema docs/manifest.schema.json`` writes the
+manifest's JSON Schema (``--check DIR`` validates a bundle).
 """
 from __future__ import annotations
 
@@ -333,11 +334,17 @@ def read_bundle(directory: str | Path) -> Bundle:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m g2gserve.bundle", description="Export bundle tools.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--schema", action="store_true", help="print the JSON Schema of manifest.json")
+    g.add_argument("--schema", nargs="?", const="-", metavar="PATH",
+                   help="write the JSON Schema of manifest.json to PATH (docs/manifest.schema.json), or print it")
     g.add_argument("--check", type=Path, metavar="DIR", help="validate an export directory")
     args = p.parse_args(argv)
     if args.schema:
-        print(json.dumps(json_schema(), indent=1))
+        text = json.dumps(json_schema(), indent=1) + "\n"
+        if args.schema == "-":
+            print(text, end="")
+        else:
+            from g2gserve.fileio import atomic_write_text
+            atomic_write_text(args.schema, text)
         return 0
     try:
         b = read_bundle(args.check)

@@ -242,3 +242,11 @@ def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit):
         export_main([str(path), "--opset", "7", "--force"])
+
+
+def test_the_documented_schema_is_current():
+    """docs/manifest.schema.json is generated: python -m g2gserve.bundle --schema docs/manifest.schema.json"""
+    from pathlib import Path
+    from g2gserve.bundle import json_schema
+    doc = Path(__file__).resolve().parents[1] / "docs" / "manifest.schema.json"
+    assert json.loads(doc.read_text()) == json_schema()
