@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         os.mkdir(metrics_dir)
         os.environ[MULTIPROC_ENV] = metrics_dir
         os.environ[CONFIG_ENV] = dataclasses.replace(cfg, shared_dir=shared).to_json()
-        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, **common)
+        # A worker imports torch/numba and loads the model before it answers uvicorn's health pings: allow for it.
+        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, timeout_worker_healthcheck=120,
+                    **common)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     return 0

@@ -63,7 +63,7 @@ async def read_body(request: Request, input_shape: tuple[int, int, int], max_ima
         if len(data) != math.prod(shape):
             raise HTTPException(422, f"raw pixels of shape {','.join(map(str, shape))} need {math.prod(shape):,} "
                                      f"bytes; the body has {len(data):,}")
-        return Body(pixels=np.frombuffer(data, dtype=np.uint8).reshape(shape))
+        return Body(pixels=np.frombuffer(data, dtype=np.uint8).reshape(shape).copy())  # writable, as runtimes expect
     if ctype == "multipart/form-data":
         form = await request.form(max_files=max_images + 1)
         files = [f for f in form.getlist("file") if hasattr(f, "read")]

@@ -202,5 +202,6 @@ class Service:
                "note": "latency is end to end inside the server (body read, decode, queue, forward pass, answer); "
                        "inference is the batched forward pass the request was part of"}
         if span > 0 and len(data) > 1:
-            out["throughput"] = {"requests_per_s": (len(data) - 1) / span, "images_per_s": (images - arr[0, 1]) / span}
+            out["throughput"] = {"requests_per_s": float((len(data) - 1) / span),
+                                 "images_per_s": float((images - arr[0, 1]) / span)}
         return out

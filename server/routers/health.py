@@ -1,6 +1,8 @@
 """Liveness and readiness, and the served model's manifest."""
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends
 
 from ..schemas import FastJSONResponse
@@ -21,7 +23,7 @@ async def readyz(service: Service = Depends(get_service)):
     """Ready: the model is loaded and warmed up."""
     if not service.ready:
         return FastJSONResponse({"ready": False}, status_code=503)
-    return {"ready": True, "model": service.model_card}
+    return {"ready": True, "model": service.model_card, "pid": os.getpid()}  # pid: which worker answered
 
 
 @router.get("/model")
