@@ -22,6 +22,9 @@ from typing import Callable
 import numpy as np
 
 
+INLINE_S = 0.0003  # a forward pass expected to be shorter runs on the event loop (a thread hop costs about as much)
+
+
 class Overloaded(RuntimeError):
     """The request would wait too long or overflow the queue; ``retry_after`` in seconds (HTTP Retry-After)."""
 
@@ -77,6 +80,15 @@ class Ticket:
     def __init__(self, batcher: "MicroBatcher", images: int):
         self._batcher, self.images, self._open = batcher, images, True
 
+    def resize(self, images: int) -> None:
+        """The request turned out to carry ``images`` (known once its body is parsed): check and reserve them."""
+        b, delta = self._batcher, images - self.images
+        if delta > 0:
+            b.check(delta)
+        b.pending_images += delta
+        b._decoding_images += delta
+        self.images = images
+
     async def submit(self, images: np.ndarray) -> BatchResult:
         b = self._batcher
         self.release()  # the reservation becomes a queued item (of its real size)
@@ -87,6 +99,7 @@ class Ticket:
             self._open = False
             b = self._batcher
             b._decoding -= 1
+            b._decoding_images -= self.images
             b.pending_images -= self.images
             b._arrived.set()  # a waiting batch need not wait for this one any more
             if b.pending_images == 0:
@@ -96,15 +109,18 @@ class Ticket:
 class MicroBatcher:
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float,
                  max_queue_images: int, on_batch: Callable[[int, float], None] | None = None,
-                 max_queue_s: float = math.inf):
+                 max_queue_s: float = math.inf, decode_workers: int = 1):
         self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_s
         self.max_queue_images, self.max_queue_s = max_queue_images, max_queue_s
         self.on_batch = on_batch
         self.cost = CostModel()
+        self.decode_workers = decode_workers
+        self.decode_s_per_image = 0.0  # running mean, fed by observe_decode
         self.pending_images = 0  # admitted (decoding), queued or in the running pass
         self._queued: collections.deque[_Item] = collections.deque()
         self._queued_images = 0
         self._decoding = 0  # admitted requests not yet submitted
+        self._decoding_images = 0
         self._running_until = 0.0  # perf_counter time the running pass is expected to end
         self._running_images = 0
         self._arrived = asyncio.Event()
@@ -122,20 +138,31 @@ class MicroBatcher:
         ahead = self.pending_images - self._running_images
         full, rest = divmod(ahead, self.max_batch)
         remaining = max(0.0, self._running_until - time.perf_counter()) if self._running_images else 0.0
-        return remaining + full * self.cost.seconds(self.max_batch) + self.cost.seconds(rest)
+        decoding = (self._decoding_images + images) * self.decode_s_per_image / self.decode_workers
+        return remaining + full * self.cost.seconds(self.max_batch) + self.cost.seconds(rest) + decoding
 
-    def admit(self, images: int = 1) -> Ticket:
-        """Reserve room for a request of ``images`` before decoding it; raises ``Overloaded`` / ``QueueFull``."""
+    def observe_decode(self, images: int, seconds: float) -> None:
+        """A request's decoding time (for the wait estimate): exponential mean of seconds per image."""
+        per_image = seconds / max(1, images)
+        self.decode_s_per_image = per_image if self.decode_s_per_image == 0 else \
+            0.9 * self.decode_s_per_image + 0.1 * per_image
+
+    def check(self, images: int) -> None:
+        """Raise ``QueueFull`` / ``Overloaded`` if ``images`` more would overflow the queue or wait too long."""
         if self.pending_images + images > self.max_queue_images:
-            wait = self.estimated_wait(images)
             raise QueueFull(f"{self.pending_images} images are already waiting (limit {self.max_queue_images})",
-                            retry_after=wait)
+                            retry_after=self.estimated_wait(images))
         wait = self.estimated_wait(images)
         if wait > self.max_queue_s:
             raise Overloaded(f"the queue would take ~{wait * 1e3:.0f} ms (limit {self.max_queue_s * 1e3:.0f} ms)",
                              retry_after=wait)
+
+    def admit(self, images: int = 1) -> Ticket:
+        """Reserve room for a request of ``images`` before decoding it; raises ``Overloaded`` / ``QueueFull``."""
+        self.check(images)
         self.pending_images += images
         self._decoding += 1
+        self._decoding_images += images
         self._idle.clear()
         return Ticket(self, images)
 
@@ -196,8 +223,11 @@ class MicroBatcher:
             self._running_images, self._running_until = count, started + self.cost.seconds(count)
             try:
                 images = np.concatenate([it.images for it in batch]) if len(batch) > 1 else batch[0].images
-                chunks = [await loop.run_in_executor(self._executor, self.predict, images[i:i + self.max_batch])
-                          for i in range(0, len(images), self.max_batch)]
+                if count <= self.max_batch and 0 < self.cost.seconds(count) < INLINE_S:
+                    chunks = [self.predict(images)]  # cheaper than the hop to the inference thread
+                else:
+                    chunks = [await loop.run_in_executor(self._executor, self.predict, images[i:i + self.max_batch])
+                              for i in range(0, len(images), self.max_batch)]
                 probs = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
             except Exception as e:  # noqa: BLE001 - handed to every waiting request
                 for it in batch:

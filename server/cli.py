@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes (each loads the model; /metrics sums them; one calibration)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request (off by default: a log line costs about as much as a small request)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
-    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info",
+    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
+                  access_log=args.access_log,
                   loop="auto", http="auto")  # auto: uvloop and httptools (uvicorn[standard]) when installed
     if args.workers == 1:
         uvicorn.run(create_app(cfg), **common)

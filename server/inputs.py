@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import HTTPException, Request
+from PIL import Image
 
 from g2gserve.data.images import ImageError, decode_array
 
@@ -34,6 +36,31 @@ class Body:
         if self.pixels is not None:
             return len(self.pixels)
         return len(self.payloads) if self.payloads is not None else 1
+
+
+INLINE_PIXELS = 128 * 128  # one image at most this large is decoded on the event loop (cheaper than a thread hop)
+
+
+def announced_images(request: Request) -> int:
+    """Images a request says it carries before its body is read (raw pixels: N of the shape; otherwise 1)."""
+    text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
+    try:
+        return max(1, int(text.replace("x", ",").split(",")[0])) if text else 1
+    except ValueError:
+        return 1  # parse_shape answers 422 later
+
+
+def cheap_to_decode(body: Body) -> bool:
+    """Raw pixels, or a single small image (its header read, nothing decoded): not worth the decode pool."""
+    if body.pixels is not None:
+        return True
+    if body.payloads is None or len(body.payloads) != 1 or len(body.payloads[0]) > 64 * 1024:
+        return False
+    try:
+        with Image.open(io.BytesIO(body.payloads[0])) as im:
+            return im.size[0] * im.size[1] <= INLINE_PIXELS
+    except Exception:  # noqa: BLE001 - not an image: decode_body answers with the right 4xx, cheaply
+        return True
 
 
 def parse_shape(text: str, input_shape: tuple[int, int, int]) -> tuple[int, ...]:

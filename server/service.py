@@ -53,8 +53,8 @@ class Service:
         self.cfg = cfg
         self.model = None
         self.batcher: MicroBatcher | None = None
-        self.decoder = ThreadPoolExecutor(max_workers=cfg.decode_threads or usable_cores(),
-                                          thread_name_prefix="g2g-decode")
+        self.decode_threads = cfg.decode_threads or usable_cores()
+        self.decoder = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="g2g-decode")
         self.metrics = Metrics(cfg.max_batch)
         self.ready = False
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
@@ -89,7 +89,8 @@ class Service:
     def make_batcher(self) -> MicroBatcher:
         cfg = self.cfg
         self.batcher = MicroBatcher(self.predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
-                                    self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3)
+                                    self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3,
+                                    decode_workers=self.decode_threads)
         for n, seconds in self.warmup[2:]:
             self.batcher.cost.observe(n, seconds)
         return self.batcher

@@ -105,7 +105,8 @@ def test_a_slow_decode_does_not_delay_healthz(export_dir, monkeypatch):
     monkeypatch.setattr(classify, "decode_body", lambda *a: (time.sleep(1.0), real(*a))[1])
     url, server, thread = _start(_app(export_dir, calibrate=False))
     try:
-        slow = threading.Thread(target=lambda: httpx.post(f"{url}/classify", content=_png(), timeout=10))
+        two = [("file", (f"{i}.png", _png(i), "image/png")) for i in range(2)]  # (one small image decodes inline)
+        slow = threading.Thread(target=lambda: httpx.post(f"{url}/classify", files=two, timeout=10))
         slow.start()
         time.sleep(0.2)  # the request is being decoded
         t = time.perf_counter()

@@ -1,5 +1,6 @@
-"""POST /classify: read the body (event loop), admit or refuse it (before decoding), decode it (thread pool),
-join the next forward pass (batcher), answer with orjson."""
+"""POST /classify: admit or refuse the request (before its body is read or decoded), read and parse the body
+(event loop), decode it (thread pool; a single small image or raw pixels inline, cheaper than the hop), join the
+next forward pass (batcher), answer with orjson."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..batching import Overloaded
 from ..deps import loaded_service
-from ..inputs import SHAPE_HEADER, decode_body, read_body
+from ..inputs import SHAPE_HEADER, announced_images, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
 from ..service import Service, top_k
 
@@ -40,25 +41,31 @@ async def classify(request: Request, service: Service = Depends(loaded_service),
     fields, JSON base64, or raw uint8 pixels with a shape. Images are converted to the model's channels and size
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()
-    cfg, model = service.cfg, service.model
-    body = await read_body(request, model.input_shape, cfg.max_images_per_request)
+    cfg, model, batcher = service.cfg, service.model, service.batcher
     try:
-        ticket = service.batcher.admit(body.images_hint)
+        ticket = batcher.admit(announced_images(request))  # before the body is read or decoded
     except Overloaded as e:
         service.metrics.rejected.inc()
         raise _busy(e)
     try:
-        service.metrics.queue_depth.set(service.batcher.pending_images)
-        images = await asyncio.get_running_loop().run_in_executor(
-            service.decoder, decode_body, body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+        body = await read_body(request, model.input_shape, cfg.max_images_per_request)
+        ticket.resize(body.images_hint)
+        service.metrics.queue_depth.set(batcher.pending_images)
+        decode_start = time.perf_counter()
+        if cheap_to_decode(body):
+            images = decode_body(body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+        else:
+            images = await asyncio.get_running_loop().run_in_executor(
+                service.decoder, decode_body, body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
         decoded = time.perf_counter()
+        batcher.observe_decode(len(images), decoded - decode_start)
         result = await ticket.submit(images)
     except Overloaded as e:
         service.metrics.rejected.inc()
         raise _busy(e)
     finally:
         ticket.release()
-        service.metrics.queue_depth.set(service.batcher.pending_images)
+        service.metrics.queue_depth.set(batcher.pending_images)
     latency = time.perf_counter() - start
     service.record(len(images), latency, decoded - start, result.queue_s, result.inference_s)
     return FastJSONResponse({"model": service.model_card, "predictions": top_k(result.probs, model.classes, top_k_),
