@@ -61,7 +61,7 @@ def markdown(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from g2gserve.data.datasets import DataError, load_split
-    from g2gserve.export import read_export
+    from g2gserve.runtime.loader import open_bundle
     from g2gserve.runtime.fused import supported
 
     p = argparse.ArgumentParser(prog="python -m g2gserve.bench.accuracy", description=__doc__.split("\n\n")[0])
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_dir():
         p.error(f"{args.model}: not an export directory")
     try:
-        manifest = read_export(args.model)[1]
+        manifest = open_bundle(args.model, onnx_graphs=False).manifest.to_dict()
         test = load_split(manifest["dataset"], "test", args.data_dir, download=False)
     except (DataError, KeyError, OSError, ValueError) as e:
         print(f"accuracy: error: {e}", file=sys.stderr)
         return 1
-    images, labels = test.x.numpy()[:args.limit], test.y.numpy()[:args.limit]
+    images, labels = np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit]
     backends = ["onnxruntime-int8"] + (["fused-bf16"] if supported("avx512", "bf16") else [])
     rows = precision_gate(args.model, images, labels, backends, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from g2gserve.bench.measure import machine_info
 from g2gserve.fileio import atomic_write_text
 
@@ -127,7 +129,7 @@ def replace_section(doc: str, text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from g2gserve.bench.accuracy import precision_gate
     from g2gserve.data.datasets import load_split
-    from g2gserve.export import read_export
+    from g2gserve.runtime.loader import open_bundle
     from g2gserve.runtime.fused import describe, supported
 
     p = argparse.ArgumentParser(prog="python -m g2gserve.bench.kernel_report", description=__doc__.split("\n\n")[0])
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = [*BACKENDS, *(["fused-bf16"] if supported("avx512", "bf16") else [])]
     runs = {t: [_run_bench(args.model, args.out / f"threads-{t}" / f"run-{i + 1}", t, args.seconds, backends)
                 for i in range(args.runs)] for t in args.threads}
-    manifest = read_export(args.model)[1]
+    manifest = open_bundle(args.model, onnx_graphs=False).manifest.to_dict()
     test = load_split(manifest["dataset"], "test", args.data_dir, download=False)
-    accuracy = precision_gate(args.model, test.x.numpy()[:args.limit], test.y.numpy()[:args.limit],
+    accuracy = precision_gate(args.model, np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit],
                               [b for b in backends if b in ("fused-bf16", "onnxruntime-int8")])
     summary = summarise(runs)
     command = "python -m g2gserve.bench.kernel_report " + " ".join(sys.argv[1:] if argv is None else argv)

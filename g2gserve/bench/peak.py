@@ -21,9 +21,9 @@ GEMM_SIZE = 2048  # M = N = K: large enough to run at the core's peak, ~0.1 s pe
 def layer_macs(layer: PackedLayer) -> int:
     """Multiply-adds per input row of one packed layer: its stored weights (block tiles, CSR values)."""
     if layer.format == "block":
-        return int(layer.tensors["blocks"].numel())
+        return int(layer.tensors["blocks"].size)
     if layer.format == "csr":
-        return int(layer.tensors["values"].numel())
+        return int(layer.tensors["values"].size)
     return layer.in_features * layer.out_features
 
 
@@ -31,19 +31,15 @@ def model_macs(packed: PackedNet, batch: int = 1) -> int:
     """Multiply-adds of one forward pass over ``batch`` images: patch conv, hidden layers, head."""
     conv_out = packed.conv_weight.shape[0]
     patches = (packed.image_size // packed.patch_size) ** 2
-    conv = patches * conv_out * packed.conv_weight[0].numel()
-    head = packed.head_weight.numel()
+    conv = patches * conv_out * packed.conv_weight[0].size
+    head = packed.head_weight.size
     return batch * int(conv + sum(layer_macs(l) for l in packed.layers) + head)
 
 
 def packed_of(path: str | Path) -> PackedNet:
     """The packed network of an export directory or a checkpoint (packed the way ``runtime.load`` packs it)."""
-    from g2gserve.export import build_artifacts, read_export
-    from g2gserve.model.checkpoint import load_model
-    path = Path(path)
-    if path.is_dir():
-        return read_export(path)[0]
-    return build_artifacts(*load_model(path)).packed
+    from g2gserve.runtime.loader import open_bundle
+    return open_bundle(path, onnx_graphs=False).packed
 
 
 def gemm_peak(threads: int = 1, seconds: float = 1.0, size: int = GEMM_SIZE) -> dict:
@@ -52,7 +48,7 @@ def gemm_peak(threads: int = 1, seconds: float = 1.0, size: int = GEMM_SIZE) -> 
     import onnx
     from onnx import TensorProto, helper
 
-    from g2gserve.export import ort_session
+    from g2gserve.runtime.ort import ort_session
 
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size])

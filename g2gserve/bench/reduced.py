@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from g2gserve.runtime import load
 from g2gserve.runtime.loader import InferenceModel
@@ -27,7 +26,7 @@ def quantized_onnx(source: Path, threads: int | None):
     """An onnxruntime session over ``quantize_dynamic(source)`` (int8 weights), quantised in a temporary folder."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from g2gserve.export import ort_session
+    from g2gserve.runtime.ort import ort_session
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "int8.onnx"
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
@@ -45,6 +44,6 @@ def load_bench_model(path: Path, backend: str, variant: str, device: str, thread
     base = load(path, backend="onnxruntime", device=device, variant=variant, threads=threads)
     session = quantized_onnx(Path(path) / ("model.onnx" if variant == "sparse" else "dense.onnx"), threads)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy().astype(np.float32, copy=False)})[0])
+    def run(x):
+        return session.run(None, {"input": np.asarray(x, np.float32)})[0]
     return InferenceModel(run, base.preprocess, base.classes, base.manifest, backend, base.device, variant)

@@ -33,7 +33,6 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from g2gserve.formats import PackedLayer, PackedNet
 
@@ -381,13 +380,10 @@ def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tu
 
 
 def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
-    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer."""
-    bias = layer.tensors["bias"].numpy()
-    if layer.format != "block":
-        return _dense(layer.dense_weight().numpy(), bias, isa, precision)
-    blocks, idx = layer.tensors["blocks"].numpy(), layer.tensors["idx"].numpy().astype(np.int64)
-    t = blocks.shape[2]  # blocks: [O, k*t, t], input unit major
-    return _panels(blocks, t, t, isa, precision), idx, t, t, bias, layer.out_features
+    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer, from its format's tiles."""
+    blocks, idx, t_in, t_out = layer.spec.fused_tiles(layer)  # blocks: [O, k*t_in, t_out], input unit major
+    return (_panels(blocks, t_in, t_out, isa, precision), idx.astype(np.int64), t_in, t_out, layer.tensors["bias"],
+            layer.out_features)
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel")
@@ -426,10 +422,10 @@ class FusedNet:
             raise ValueError(f"fused: threads must be 1..{numba.config.NUMBA_NUM_THREADS} (numba's thread count), "
                              f"got {threads}")
         self.isa, self.precision, self.threads = ISAS[isa], precision, threads
-        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1).numpy()
-        layers = [_dense(conv, packed.conv_bias.numpy(), self.isa, precision),
+        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
+        layers = [_dense(conv, packed.conv_bias, self.isa, precision),
                   *(_layer(l, self.isa, precision) for l in packed.layers),
-                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy(), self.isa, precision)]
+                  _dense(packed.head_weight, packed.head_bias, self.isa, precision)]
         dtype = np.uint16 if precision == "bf16" else np.float32
         line, bline = 64 // np.dtype(dtype).itemsize, 16  # elements per 64-byte cache line
         segments, meta, w_size, b_size, t_off = [], [], 0, 0, 0
@@ -463,14 +459,3 @@ class FusedNet:
             numba.set_num_threads(self.threads)  # per calling thread
         return self._forward(x, self.patch_size, self.weights, self.biases, self.tiles, self.meta, self.threads)
 
-
-def fused_runner(packed: PackedNet, threads: int | None = None, precision: str = "fp32", isa: str | None = None):
-    """A runtime ``run(x: Tensor) -> Tensor`` over ``FusedNet``, compiled (or loaded from numba's cache) now,
-    so that the first request does not pay for it. ``run.variant`` says which micro-kernel runs."""
-    net = FusedNet(packed, isa=isa, precision=precision, threads=threads or 1)
-    net(np.zeros((1, *net.input_shape), np.float32))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(net(x.numpy(force=True)))  # force: detached, on the CPU (a no-op if so)
-    run.variant = net.variant
-    return run
