@@ -107,21 +107,6 @@ _F32, _I32, _I16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
 _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the CPU has it
 
 
-class _BFloat(ir.types._BaseFloatType):
-    """LLVM's ``bfloat`` (llvmlite has no class for it): the operand type of the AVX512-BF16 intrinsics."""
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self) -> str:
-        return "bfloat"
-
-    def format_constant(self, value):  # never used: bfloat values only come from bitcasts
-        raise NotImplementedError
-
-
-_BFloat._create_instance()
-
-
 VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS if precision == "fp32" or isa == "avx512")
 
 
@@ -140,9 +125,8 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
     x_base, tiles_ptr = at(data(4), x_off_v), data(7)
     undef_f, undef_i = ir.Constant(fvec, ir.Undefined), ir.Constant(ivec, ir.Undefined)
     splat = ir.Constant(ir.VectorType(_I32, vec), [0] * vec)
-    if bf16:
-        bvec = ir.VectorType(_BFloat(), 2 * vec)
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, bvec, bvec]),
+    if bf16:  # bf16 pairs passed as i32 lanes: LLVM 15's signature, which newer LLVMs upgrade to <32 x bfloat>
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, ivec, ivec]),
                                             f"llvm.x86.avx512bf16.dpbf16ps.{32 * vec}")
     w_type = _I16 if bf16 else _F32
     steps = builder.udiv(t_v, const(2)) if bf16 else t_v  # multiply-add steps per tile (bf16: input pairs)
@@ -162,15 +146,14 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
         def step(w_base, x_rows, i, slots, rows=rows):  # slots[nv*r + c] += x[r, i] * w[i, c*vec : +vec]
             w_row = at(w_base, builder.mul(i, const(row_len)), w_type)
             if bf16:
-                w_vecs = [builder.bitcast(load_vec(at(w_row, const(2 * vec * c), w_type), ivec), bvec)
-                          for c in range(nv)]
+                w_vecs = [load_vec(at(w_row, const(2 * vec * c), w_type), ivec) for c in range(nv)]
             else:
                 w_vecs = [load_vec(at(w_row, const(vec * c)), fvec) for c in range(nv)]
             for r in range(rows):
                 if bf16:  # x holds the input pair (2i, 2i+1) in one 32-bit element: broadcast it
                     value = builder.load(builder.bitcast(at(x_rows[r], i), _I32.as_pointer()), typ=_I32)
-                    bcast = builder.bitcast(builder.shuffle_vector(
-                        builder.insert_element(undef_i, value, ir.Constant(_I32, 0)), undef_i, splat), bvec)
+                    bcast = builder.shuffle_vector(builder.insert_element(undef_i, value, ir.Constant(_I32, 0)),
+                                                   undef_i, splat)
                 else:
                     value = builder.load(at(x_rows[r], i), typ=_F32)
                     bcast = builder.shuffle_vector(builder.insert_element(undef_f, value, ir.Constant(_I32, 0)),
