@@ -13,6 +13,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -46,18 +47,20 @@ class Body:
 INLINE_PIXELS = 128 * 128  # one image at most this large is decoded on the event loop (cheaper than a thread hop)
 
 
-def announced_images(request: Request, bytes_per_image: float = 0.0) -> int:
-    """Images a request carries, guessed before its body is read, for admission: N of a raw-pixel shape; for
-    several-image bodies (multipart, JSON) Content-Length over the bytes per image seen so far; otherwise 1.
-    A cheap refusal before the body is read matters under overload (clients that ignore Retry-After)."""
-    text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
+def announced_images_from_headers(headers: dict[str, str], query: str, bytes_per_image: float = 0.0) -> int:
+    """Images a request carries, guessed before its body is read, for admission: N of a raw-pixel shape (header or
+    query); for several-image bodies (multipart, JSON) Content-Length over the bytes per image seen so far; else 1.
+    ``headers`` with lower-case names; ``query`` the raw query string."""
+    text = headers.get(SHAPE_HEADER)
+    if text is None and "shape=" in query:
+        text = parse_qs(query).get("shape", [""])[0]
     if text:
         try:
             return max(1, int(text.replace("x", ",").split(",")[0]))
         except ValueError:
             return 1  # parse_shape answers 422 later
-    ctype = request.headers.get("content-type", "")
-    length = request.headers.get("content-length", "")
+    ctype = headers.get("content-type", "")
+    length = headers.get("content-length", "")
     if bytes_per_image > 0 and length.isdigit() and ctype.startswith(("multipart/", "application/json")):
         return max(1, int(int(length) / bytes_per_image))
     return 1

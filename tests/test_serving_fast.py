@@ -237,3 +237,14 @@ def test_onnxruntime_server_runs_where_torch_cannot_be_imported(export_dir):
     if "RUNTIME-NEEDS-TORCH" in proc.stdout:
         pytest.skip("g2gserve.runtime still imports torch (the slim runtime of issue 18 is not in this tree yet)")
     assert proc.returncode == 0 and proc.stdout.startswith("200"), proc.stderr[-2000:]
+
+
+def test_admission_reservations_are_released_whatever_the_answer(export_dir):
+    app = _app(export_dir, calibrate=False)
+    with TestClient(app) as c:
+        batcher = app.state.service.batcher
+        assert c.post("/classify?top_k=0", content=_png()).status_code == 422  # refused before the endpoint runs
+        assert c.post("/classify", content=b"junk").status_code == 415
+        assert c.post("/classify", content=b"\0", headers={"x-shape": "2,28,28"}).status_code == 422
+        assert c.post("/classify", content=_png()).status_code == 200
+        assert batcher.pending_images == 0 and batcher._decoding == 0

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..batching import Overloaded
 from ..deps import loaded_service
-from ..inputs import SHAPE_HEADER, announced_images, cheap_to_decode, decode_body, read_body
+from ..admission import TICKET
+from ..inputs import SHAPE_HEADER, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
 from ..service import Service, top_k
 
@@ -50,11 +51,13 @@ async def classify(request: Request, service: Service = Depends(loaded_service),
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()
     cfg, model, batcher = service.cfg, service.model, service.batcher
-    try:
-        ticket = batcher.admit(announced_images(request, service.bytes_per_image))  # before the body is read
-    except Overloaded as e:
-        service.metrics.rejected.inc()
-        raise _busy(e)
+    ticket = request.scope.get(TICKET)  # admitted by the AdmissionGate, before the body was read
+    if ticket is None:  # the app is mounted without its gate (e.g. inside another app): admit here
+        try:
+            ticket = batcher.admit(1)
+        except Overloaded as e:
+            service.metrics.rejected.inc()
+            raise _busy(e)
     try:
         body = await read_body(request, model.input_shape, cfg.max_images_per_request)
         ticket.resize(body.images_hint)
