@@ -193,6 +193,15 @@ async def _closed_loop(port: int, raw: bytes, connections: int, seconds: float) 
     return out
 
 
+def _run(coro):
+    """Run the client on uvloop when installed: the asyncio client must not be the bottleneck at 256 connections."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def _lat(samples: list[float]) -> dict:
     if not samples:
         return {"count": 0}
@@ -202,11 +211,11 @@ def _lat(samples: list[float]) -> dict:
 
 def overload(port: int, body: tuple[bytes, str], seconds: float, connections: int = 256) -> dict:
     raw = _raw("POST", "/classify?top_k=1", port, *body)
-    results = asyncio.run(_closed_loop(port, raw, connections, seconds))
+    results = _run(_closed_loop(port, raw, connections, seconds))
     ok = [t for s, t in results if s == 200]
     refused = [t for s, t in results if s == 503]
     other = sum(1 for s, _ in results if s not in (200, 503))
-    after = asyncio.run(_closed_loop(port, _raw("POST", "/classify?top_k=1", port, *body), 1, 1.0))  # recovery
+    after = _run(_closed_loop(port, _raw("POST", "/classify?top_k=1", port, *body), 1, 1.0))  # recovery
     return {"connections": connections, "seconds": seconds, "accepted": _lat(ok), "refused": _lat(refused),
             "other_status": other, "other_5xx": sum(1 for s, _ in results if s >= 500 and s != 503),
             "transport_errors": sum(1 for s, _ in results if s == 0),
@@ -219,7 +228,7 @@ def healthz_under_large(port: int, body: tuple[bytes, str], seconds: float) -> d
         await asyncio.sleep(min(0.5, seconds / 4))
         probe = await _closed_loop(port, _raw("GET", "/healthz", port), 1, seconds * 0.75)
         return await heavy, probe
-    heavy, probe = asyncio.run(main())
+    heavy, probe = _run(main())
     return {"large_requests": _lat([t for s, t in heavy if s == 200]),
             "large_statuses": sorted({s for s, _ in heavy}),
             "healthz": _lat([t for s, t in probe if s == 200])}
