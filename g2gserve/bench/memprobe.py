@@ -1,8 +1,17 @@
-"""Run as ``python -m g2gserve.bench.memprobe MODEL ...``: load, run one batch, print peak memory as JSON."""
+"""Run as ``python -m g2gserve.bench.memprobe MODEL ...``: load, warm up, serve a fixed request mix, print peak
+memory (VmHWM) as JSON.
+
+``--slim`` blocks ``import torch`` (``sys.modules["torch"] = None``) before anything is imported, so the figure
+is that of a slim serving process (``pip install 'g2gserve[serve]'``, onnxruntime or fused backend); a model
+that needed torch would fail the probe instead of silently counting it.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+SLIM_BACKENDS = ("onnxruntime", "fused")
 
 
 def vm_hwm_bytes() -> int:
@@ -21,19 +30,32 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--requests", type=int, default=3,
+                   help="requests after warm-up, alternating batch 1 and --batch (a fixed mix)")
+    p.add_argument("--slim", action="store_true", help="torch blocked: the process of a [serve]-only install")
     args = p.parse_args()
-    import torch
+    if args.slim:
+        if args.backend not in SLIM_BACKENDS or args.device != "cpu":
+            p.error(f"--slim runs the {' or '.join(SLIM_BACKENDS)} backend on the CPU")
+        sys.modules["torch"] = None  # type: ignore[assignment]  # any import of torch now fails
+    import numpy as np
 
     from g2gserve.runtime import load
-    torch.set_num_threads(args.threads)
+    if not args.slim:
+        import torch
+        torch.set_num_threads(args.threads)
     model = load(args.model, backend=args.backend, device=args.device, variant=args.variant, threads=args.threads)
-    if args.device == "cuda":
+    cuda = args.device == "cuda"
+    if cuda:
+        import torch
         torch.cuda.reset_peak_memory_stats()
-    images = torch.zeros(args.batch, *model.input_shape, dtype=torch.uint8)
-    for _ in range(3):
-        model.predict(images)
-    out = {"vmhwm_bytes": vm_hwm_bytes()}
-    if args.device == "cuda":
+    images = np.random.default_rng(0).integers(0, 256, (args.batch, *model.input_shape), dtype=np.uint8)
+    for n in (1, args.batch):  # warm-up
+        model.predict(images[:n])
+    for i in range(args.requests):
+        model.predict(images[:1] if i % 2 else images)
+    out = {"vmhwm_bytes": vm_hwm_bytes(), "slim": args.slim, "torch_imported": sys.modules.get("torch") is not None}
+    if cuda:
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out))
 
