@@ -14,12 +14,22 @@ import sys
 SLIM_BACKENDS = ("onnxruntime", "fused")
 
 
-def vm_hwm_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident memory of this process."""
+    return _status_bytes("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return _status_bytes("VmRSS")
 
 
 def main() -> None:
@@ -52,9 +62,13 @@ def main() -> None:
     images = np.random.default_rng(0).integers(0, 256, (args.batch, *model.input_shape), dtype=np.uint8)
     for n in (1, args.batch):  # warm-up
         model.predict(images[:n])
+    trace = []  # resident memory after each tenth of the requests: flat means no growth per request
     for i in range(args.requests):
         model.predict(images[:1] if i % 2 else images)
-    out = {"vmhwm_bytes": vm_hwm_bytes(), "slim": args.slim, "torch_imported": sys.modules.get("torch") is not None}
+        if (i + 1) % max(1, args.requests // 10) == 0:
+            trace.append(vm_rss_bytes())
+    out = {"vmhwm_bytes": vm_hwm_bytes(), "rss_trace_bytes": trace, "requests": args.requests, "slim": args.slim,
+           "torch_imported": sys.modules.get("torch") is not None}
     if cuda:
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out))
