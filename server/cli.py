@@ -60,14 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_model(path: Path) -> str | None:
     """Refuse a missing, tampered or foreign model before starting uvicorn: the error message, or None."""
-    from g2gserve.export import ExportError, read_export  # lazily: only this check needs the export reader
-    from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
+    from g2gserve.bundle import ExportError, read_bundle
     try:
         if path.is_dir():
-            read_export(path)
+            read_bundle(path)
         else:
-            load_checkpoint(path)
-    except (ExportError, CheckpointError) as e:
+            from g2gserve.model.checkpoint import CheckpointError, load_checkpoint  # a model.pt needs torch anyway
+            try:
+                load_checkpoint(path)
+            except CheckpointError as e:
+                return str(e)
+    except ExportError as e:
         return str(e)
     return None
 

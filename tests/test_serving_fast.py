@@ -227,10 +227,12 @@ def test_onnxruntime_server_runs_where_torch_cannot_be_imported(export_dir):
             "try:\n    import g2gserve.runtime\nexcept ImportError:\n    print('RUNTIME-NEEDS-TORCH'); sys.exit(0)\n"
             "from fastapi.testclient import TestClient\n"
             "from server.app import ServeConfig, create_app\n"
-            "import test_server\n"
+            "import io, numpy as np\nfrom PIL import Image\n"  # not test_server: it imports torch
+            "png = io.BytesIO()\n"
+            "Image.fromarray(np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)).save(png, 'PNG')\n"
             f"cfg = ServeConfig(model={str(export_dir)!r}, backend='onnxruntime', calibrate=False)\n"
             "with TestClient(create_app(cfg)) as c:\n"
-            "    r = c.post('/classify?top_k=10', content=test_server._png(5))\n"
+            "    r = c.post('/classify?top_k=10', content=png.getvalue())\n"
             "    print(r.status_code, r.json()['predictions'][0]['class_id'])\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
