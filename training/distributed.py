@@ -7,6 +7,7 @@ the training code has one path.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -57,7 +58,11 @@ class World:
         if self.size == 1:
             return model
         ids = [self.device] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # Newer torch renames broadcast_buffers; the buffers (masks) are equal at init, so either is right.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        return ddp(model, device_ids=ids, **no_sync)
 
     def sum_(self, *tensors: torch.Tensor) -> None:
         """In-place sum of each tensor over all ranks."""

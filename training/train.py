@@ -88,7 +88,9 @@ def train(cfg: TrainConfig) -> Checkpoint:
     except ValueError as e:  # --device cuda on a machine without one
         raise ConfigError(str(e)) from e
     try:
-        return _train(cfg, world)
+        ckpt = _train(cfg, world)
+        world.barrier()  # ranks leave together: none tears the group down while rank 0 still writes
+        return ckpt
     finally:
         world.close()
 
