@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "--seed", "seeds weights, masks, shuffling and augmentation", type=int)
     r = p.add_argument_group("run (free to change on --resume)")
     _flag(r, "--device", "auto: CUDA when available (under torchrun: GPU LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
-    _flag(r, "--threads", "torch intra-op threads (default: torch's)", type=_positive(int))
+    _flag(r, "--threads", "torch intra-op threads (default: 1 on CUDA, else torch's)", type=_positive(int))
     _flag(r, "--out", "output directory (default runs/DATASET-MODEL)", type=Path)
     _flag(r, "--resume", "continue the run saved in --out from its last finished epoch", action="store_true")
     _flag(r, "--stop-after", "stop after N epochs in this invocation (continue later with --resume)",
