@@ -235,8 +235,9 @@ def _paired_lines(cells: list[Cell], results: dict[str, dict], dataset: str) -> 
         stats = paired(_accs(cells, results, dataset, name), dense)
         if stats is not None:
             desc = next(d for n, d, _ in CONFIGS if n == name)
-            lines.append(f"- {desc} − dense, paired by seed (points): {stats.describe()}")
-    return ["Paired differences (same seed = same data order and initial draw of shared parts):", "", *lines] if lines else []
+            lines.append(f"- {desc} − dense: {stats.describe()}")
+    return (["Paired by seed (a seed gives every model the same data order and augmentation), in percentage points:",
+             "", *lines] if lines else [])
 
 
 def plot(cells: list[Cell], results: dict[str, dict], path: Path) -> None:
