@@ -249,6 +249,28 @@ def _to_bf16(x, t, t_pad, out):
             out[tile * t_pad + i] = 0
 
 
+@_njit
+def _patch_rows(x, p, out, b):
+    """Every p x p patch of image b of x as one row of ``out`` (N * patches, C*p*p), in (image, patch row,
+    patch column) order."""
+    channels, grid = x.shape[1], x.shape[2] // p
+    for c in range(channels):
+        for py in range(grid):
+            for i in range(p):
+                m0 = (c * p + i) * p
+                for px in range(grid):
+                    r = (b * grid + py) * grid + px
+                    for j in range(p):  # element by element: numba's slice objects cost more than the copy
+                        out[r, m0 + j] = x[b, c, py * p + i, px * p + j]
+
+
+@_njit
+def _patches(x, p, out):
+    """``_patch_rows`` for every image (what the forward functions do, image by image across threads)."""
+    for b in range(x.shape[0]):
+        _patch_rows(x, p, out, b)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(isa_name: str, precision: str, parallel: bool):
     """The forward function of one micro-kernel variant: (x, p, weights, biases, tiles, meta, threads) -> logits.
@@ -271,14 +293,7 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
         n, channels, grid = x.shape[0], x.shape[1], x.shape[2] // p
         h = np.empty((n * grid * grid, channels * p * p), np.float32)  # every p x p patch as one row
         for b in prange(n):
-            for c in range(channels):
-                for py in range(grid):
-                    for i in range(p):
-                        m0 = (c * p + i) * p
-                        for px in range(grid):
-                            r = (b * grid + py) * grid + px
-                            for j in range(p):  # element by element: numba's slice objects cost more than the copy
-                                h[r, m0 + j] = x[b, c, py * p + i, px * p + j]
+            _patch_rows(x, p, h, b)
         last = meta.shape[0] - 1
         for li in range(last + 1):
             w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t = (
