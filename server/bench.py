@@ -54,8 +54,9 @@ def _throughput_lines(result: dict) -> list[str]:
     macs, peak = result["macs_per_image"], result.get("peak")
     lines = ["", f"Multiply-adds per image: sparse {macs['sparse']:,}, dense {macs['dense']:,} "
                  f"({macs['dense'] / macs['sparse']:.2f}x)."
-             + (f" Peak: a {peak['size']}^3 float32 GEMM (onnxruntime MatMul) on {peak['threads']} thread(s), "
-                f"{peak['gmacs']:.1f} G MAC/s (best call)." if peak else ""), "",
+             + (f" Peak: the best n^3 float32 GEMM (onnxruntime MatMul, n = {', '.join(map(str, peak['sizes']))}) "
+                f"on {peak['threads']} thread(s), {peak['gmacs']:.1f} G MAC/s at n = {peak['size']}." if peak else ""),
+             "",
              "| backend | batch | sparse G MAC/s | dense G MAC/s |" + (" sparse / peak | dense / peak |" if peak else ""),
              "|---|---|---|---|" + ("---|---|" if peak else "")]
     for r in result["runs"]:
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the first call after a switch is not counted), like a server that runs one model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-peak", action="store_true",
-                   help="skip timing a 2048^3 dense GEMM (onnxruntime MatMul) as the core's peak G MAC/s")
+                   help="skip timing dense GEMMs (onnxruntime MatMul, n^3 for n = 512, 1024, 2048) for the peak G MAC/s")
     p.add_argument("--profile", action="store_true",
                    help="also profile model.onnx and dense.onnx node by node with onnxruntime's profiler "
                         "(export directory only): where the time goes, per op type")

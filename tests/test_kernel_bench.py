@@ -38,14 +38,16 @@ def test_macs_count_only_the_live_weights():
     assert model_macs(packed) < model_macs(densify(packed))
 
 
-def test_gemm_peak_times_a_matmul():
-    peak = gemm_peak(threads=1, seconds=0, size=128)
-    assert peak["size"] == 128 and peak["threads"] == 1 and peak["gmacs"] == pytest.approx(128 ** 3 / peak["best_s"] / 1e9)
+def test_gemm_peak_is_the_best_matmul_size():
+    peak = gemm_peak(threads=1, seconds=0, sizes=(64, 128))
+    assert peak["threads"] == 1 and set(peak["sizes"]) == {64, 128}
+    assert peak["gmacs"] == max(peak["sizes"].values()) == peak["sizes"][peak["size"]]
+    assert peak["gmacs"] == pytest.approx(peak["size"] ** 3 / peak["best_s"] / 1e9)
 
 
 def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_dir, tmp_path, monkeypatch):
     import server.bench as bench
-    monkeypatch.setattr(bench, "gemm_peak", lambda threads: gemm_peak(threads, seconds=0, size=128))
+    monkeypatch.setattr(bench, "gemm_peak", lambda threads: gemm_peak(threads, seconds=0, sizes=(128,)))
     out = tmp_path / "b"
     assert bench.main([str(export_dir), "--batch-sizes", "1,3", "--seconds", "0.05", "--no-memory",
                        "--backends", ",".join(["fused", "onnxruntime", *REDUCED]), "--out", str(out)]) == 0

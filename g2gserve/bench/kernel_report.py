@@ -72,7 +72,7 @@ WHY_MISSED = {
     "fp32_batch64": "block tiles of 64 give panels of only k x 64 inputs per output tile: the sums are written out "
                     "after few multiply-adds, and the dense twin's long panels run closer to peak",
     "peak_fraction_batch64": "the sparse layers' short panels (k live tiles x 64 inputs) and the patch conv "
-                             "(49 inputs per output) do not keep the FMA units as busy as a 2048^3 GEMM",
+                             "(49 inputs per output) do not keep the FMA units as busy as a large square GEMM",
     "threads2_scaling": "the layers are short at batch 64 (~0.2 ms each): the fork/join of every parallel layer "
                         "and the serial patch extraction and bf16 staging are a visible share",
     "threads2_speedup": "see the 2-thread scaling: onnxruntime's dense GEMMs split into larger pieces per thread",
@@ -107,7 +107,7 @@ def section(summary: dict, machine: dict, kernel: dict, accuracy: list[dict], co
         lines.append(f"| {label} | {fmt(summary[key], pct)} | {goal} | {'met' if met else '**missed**'} |")
         if not met:
             missed.append(f"- {label}: missed; {WHY_MISSED[key]}.")
-    lines += ["", f"Dense-GEMM peak (2048^3 onnxruntime MatMul, 1 thread): {summary['peak_gmacs']['median']:.1f} G MAC/s "
+    lines += ["", f"Dense-GEMM peak (best n^3 onnxruntime MatMul, 1 thread): {summary['peak_gmacs']['median']:.1f} G MAC/s "
                   f"({summary['peak_gmacs']['min']:.1f}-{summary['peak_gmacs']['max']:.1f}); fused sparse at batch 64: "
                   f"{summary['fused_gmacs_batch64']['median']:.1f} G MAC/s. Reduced precision at batch 1: "
                   f"{fmt(summary['reduced_batch1'])}.", ""]

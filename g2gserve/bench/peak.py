@@ -3,7 +3,7 @@
 Why: a latency ratio says how much faster sparse is than dense, not how close either runs to what the
 CPU can do. ``model_macs`` counts the multiply-adds of one forward pass from the packed weights (only
 the stored, live weights of a sparse layer: the work the model needs, not the zero padding a kernel may
-add), and ``gemm_peak`` times a large dense GEMM (onnxruntime's MatMul, the fastest one we have on a
+add), and ``gemm_peak`` times large dense GEMMs (onnxruntime's MatMul, the fastest one we have on a
 CPU) on the same threads, so "fraction of peak" is measured in the same run, not taken from a datasheet.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 
 from g2gserve.formats import PackedLayer, PackedNet
 
-GEMM_SIZE = 2048  # M = N = K: large enough to run at the core's peak, ~0.1 s per call on one core
+GEMM_SIZES = (512, 1024, 2048)  # M = N = K; the best of them: on a shared machine the larger ones lose most to
+#                                 other processes' cache traffic, on a quiet one they all run near peak
 
 
 def layer_macs(layer: PackedLayer) -> int:
@@ -42,9 +43,14 @@ def packed_of(path: str | Path) -> PackedNet:
     return open_bundle(path, onnx_graphs=False).packed
 
 
-def gemm_peak(threads: int = 1, seconds: float = 1.0, size: int = GEMM_SIZE) -> dict:
-    """The best G MAC/s of a size^3 float32 MatMul in onnxruntime on ``threads`` threads (best of the calls
-    that fit in ``seconds``, at least 3, after one warm-up call)."""
+def gemm_peak(threads: int = 1, seconds: float = 1.5, sizes: tuple[int, ...] = GEMM_SIZES) -> dict:
+    """The best G MAC/s of size^3 float32 MatMuls in onnxruntime on ``threads`` threads: per size the best of
+    the calls that fit in seconds / len(sizes) (at least 3, after one warm-up call), then the best size."""
+    runs = [_gemm(threads, seconds / len(sizes), size) for size in sizes]
+    return max(runs, key=lambda r: r["gmacs"]) | {"sizes": {r["size"]: r["gmacs"] for r in runs}}
+
+
+def _gemm(threads: int, seconds: float, size: int) -> dict:
     import onnx
     from onnx import TensorProto, helper
 
