@@ -102,9 +102,10 @@ def bench_model(path: Path, backends: list[str], batches: list[int], device: str
                     m = peak_memory(str(path), backend, variant, max(batches), device, threads, slim=slim)
                     mem.append({"backend": backend, "variant": variant, "batch": max(batches), **m})
     sizes = dict(manifest.get("sizes", {})) | _onnx_bytes(path, manifest)
-    from g2gserve.runtime.fused import describe  # numba: only where the fused backend ran
-    kernels = {b: describe(precision="bf16" if b == "fused-bf16" else "fp32", threads=threads)
-               for b in backends if b in ("fused", "fused-bf16")} if {"fused", "fused-bf16"} & set(backends) else {}
+    kernels = {}
+    if any(b.startswith("fused") for b in backends):  # which micro-kernel ran (imports numba: only then)
+        from g2gserve.runtime.fused import describe
+        kernels = {b: describe(precision=precision_of(b), threads=threads) for b in backends if b.startswith("fused")}
     return {"model": str(path), "layers": [{k: l[k] for k in ("name", "format", "density")} for l in manifest["layers"]],
             "runs": runs, "best": best, "memory": mem, "sizes": sizes, "macs_per_image": macs, "fused_kernel": kernels}
 
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
     p.add_argument("--backends", type=_csv(str), default=list(BACKENDS),
                    help="comma-separated: torch, onnxruntime, fused; reduced precision (compared among themselves): "
-                        "fused-bf16 (AVX512-BF16 CPUs), onnxruntime-int8 (quantize_dynamic)")
+                        "fused-bf16 (AVX512-BF16 CPUs), fused-int8 (AVX512-VNNI), onnxruntime-int8 (quantize_dynamic)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend and batch size (after warm-up); the backends take turns in chunks of "

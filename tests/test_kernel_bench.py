@@ -16,7 +16,7 @@ from g2gserve.runtime.fused import describe, supported
 from conftest import tiny_config
 from test_export import _checkpoint
 
-REDUCED = ["onnxruntime-int8"] + (["fused-bf16"] if supported("avx512", "bf16") else [])
+REDUCED = ["onnxruntime-int8", *(f"fused-{p}" for p in ("bf16", "int8") if supported("avx512", p))]
 
 
 @pytest.fixture
@@ -56,7 +56,8 @@ def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_
     assert result["macs_per_image"]["sparse"] == macs and result["peak"]["gmacs"] > 0
     for r in result["runs"]:
         assert r["gmacs_sparse"] == pytest.approx(r["batch"] * macs / r["sparse"]["p50_ms"] / 1e6)
-        assert r["precision"] == {"fused-bf16": "bf16", "onnxruntime-int8": "int8"}.get(r["backend"], "fp32")
+        assert r["precision"] == {"fused-bf16": "bf16", "fused-int8": "int8",
+                                  "onnxruntime-int8": "int8"}.get(r["backend"], "fp32")
     best = {(b["batch"], b["precision"]): b for b in result["best"]}
     assert set(best) == {(n, p) for n in (1, 3) for p in ("fp32", "reduced")}
     assert all(b["dense_backend"] in REDUCED for (n, p), b in best.items() if p == "reduced")

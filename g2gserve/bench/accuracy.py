@@ -2,7 +2,7 @@
 
 ``python -m g2gserve.bench.accuracy EXPORT_DIR --data-dir DIR --out FILE.json`` compares, image by image on
 the model's whole test split, each reduced-precision model with its fp32 counterpart (fused-bf16 with the
-fused fp32 kernel, onnxruntime-int8 with onnxruntime fp32; sparse and dense): top-1 agreement (the gate:
+fused fp32 kernel, fused-int8 too, onnxruntime-int8 with onnxruntime fp32; sparse and dense): top-1 agreement (the gate:
 at least ``GATE``), the largest difference of any class probability, and both accuracies.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from g2gserve.bench.reduced import load_bench_model
 from g2gserve.fileio import atomic_write_text
 
 GATE = 0.995  # top-1 agreement with fp32 (issue 13, as in the GPU issue)
-PAIRS = (("fused-bf16", "fused"), ("onnxruntime-int8", "onnxruntime"))  # reduced, fp32 reference
+PAIRS = (("fused-bf16", "fused"), ("fused-int8", "fused"), ("onnxruntime-int8", "onnxruntime"))  # reduced, fp32
 
 
 def _probabilities(model, images: np.ndarray, batch: int) -> np.ndarray:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy: error: {e}", file=sys.stderr)
         return 1
     images, labels = np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit]
-    backends = ["onnxruntime-int8"] + (["fused-bf16"] if supported("avx512", "bf16") else [])
+    backends = ["onnxruntime-int8", *(f"fused-{p}" for p in ("bf16", "int8") if supported("avx512", p))]
     rows = precision_gate(args.model, images, labels, backends, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"model": str(args.model), "dataset": manifest["dataset"], "rows": rows},

@@ -1,6 +1,7 @@
 """Reduced-precision CPU models for g2g-bench, so that a bf16 sparse kernel is compared best vs best.
 
-``fused-bf16`` is the fused backend with bfloat16 weights (fp32 sums); ``onnxruntime-int8`` is each ONNX
+``fused-bf16`` is the fused backend with bfloat16 weights (fp32 sums), ``fused-int8`` with int8 weights and
+per-row uint8 inputs (VNNI, int32 sums); ``onnxruntime-int8`` is each ONNX
 graph after onnxruntime's own ``quantize_dynamic`` (int8 weights, activations quantised per call): the
 quantised dense model onnxruntime users would reach for. Both are benchmark-only backend names.
 """
@@ -14,7 +15,7 @@ import numpy as np
 from g2gserve.runtime import load
 from g2gserve.runtime.loader import InferenceModel
 
-REDUCED = {"fused-bf16": "bf16", "onnxruntime-int8": "int8"}  # backend name -> precision
+REDUCED = {"fused-bf16": "bf16", "fused-int8": "int8", "onnxruntime-int8": "int8"}  # backend name -> precision
 
 
 def precision_of(backend: str) -> str:
@@ -35,8 +36,9 @@ def quantized_onnx(source: Path, threads: int | None):
 
 def load_bench_model(path: Path, backend: str, variant: str, device: str, threads: int) -> InferenceModel:
     """``runtime.load`` for the runtime's backends, and the reduced-precision ones above."""
-    if backend == "fused-bf16":
-        return load(path, backend="fused", device=device, variant=variant, threads=threads, precision="bf16")
+    if backend in ("fused-bf16", "fused-int8"):
+        return load(path, backend="fused", device=device, variant=variant, threads=threads,
+                    precision=REDUCED[backend])
     if backend != "onnxruntime-int8":
         return load(path, backend=backend, device=device, variant=variant, threads=threads)
     if not Path(path).is_dir():

@@ -65,7 +65,7 @@ ISAS = {
     "avx2": Isa("avx2", 8, 2, 6, 10),        # 16 ymm: 12 sums + 2 + 1
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def host_features() -> set[str]:
@@ -88,11 +88,12 @@ def host_isa(features: set[str] | None = None) -> str:
 
 def supported(isa: str, precision: str, features: set[str] | None = None) -> bool:
     """Whether this CPU can run ``isa`` at ``precision`` (every ISA's shape runs on a wider CPU; bf16 needs
-    AVX512-BF16)."""
+    AVX512-BF16, int8 AVX512-VNNI)."""
     features = host_features() if features is None else features
     order = ("generic", "avx2", "avx512")
     native = order.index(isa) <= order.index(host_isa(features))
-    return native and (precision == "fp32" or (isa == "avx512" and "avx512bf16" in features))
+    needs = {"fp32": set(), "bf16": {"avx512bf16"}, "int8": {"avx512vnni"}}[precision]
+    return native and (precision == "fp32" or (isa == "avx512" and needs <= features))
 
 
 def describe(isa: str | None = None, precision: str = "fp32", threads: int = 1) -> dict:
@@ -100,23 +101,25 @@ def describe(isa: str | None = None, precision: str = "fp32", threads: int = 1) 
     spec = ISAS[host_isa() if isa is None else isa]
     return {"isa": spec.name, "vector_floats": spec.vec, "tile_rows": spec.max_rows, "tile_columns": spec.panel,
             "precision": precision, "threads": threads, "cpu": llvm.get_host_cpu_name(),
-            "bf16_available": supported("avx512", "bf16")}
+            "bf16_available": supported("avx512", "bf16"), "int8_available": supported("avx512", "int8")}
 
 
-_F32, _I32, _I16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
+_F32, _I32, _I16, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the CPU has it
 
 
-VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS if precision == "fp32" or isa == "avx512")
+VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
+                 if precision == "fp32" or isa == "avx512")
 
 
 def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) -> None:
     """The body of ``_kernel`` for one variant (see there)."""
-    bf16 = precision == "bf16"
+    bf16, int8 = precision == "bf16", precision == "int8"
     vec, nv, panel = isa.vec, isa.vectors, isa.panel
     fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
-    rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v = (
-        context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 5, 6, 8, 9, 11, 14, 15))
+    rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v = (
+        context.cast(builder, args[i], signature.args[i], types.intp)
+        for i in (1, 3, 5, 6, 8, 9, 11, 14, 15, 16, 17, 20))
     intp = context.get_value_type(types.intp)
     const = lambda v: ir.Constant(intp, v)  # noqa: E731
     data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
@@ -128,9 +131,14 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
     if bf16:  # bf16 pairs passed as i32 lanes: LLVM 15's signature, which newer LLVMs upgrade to <32 x bfloat>
         dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, ivec, ivec]),
                                             f"llvm.x86.avx512bf16.dpbf16ps.{32 * vec}")
-    w_type = _I16 if bf16 else _F32
-    steps = builder.udiv(t_v, const(2)) if bf16 else t_v  # multiply-add steps per tile (bf16: input pairs)
-    row_len = 2 * panel if bf16 else panel                  # w elements per step
+    if int8:  # u8 x s8 quads summed into i32 lanes
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec, ivec, ivec]),
+                                            f"llvm.x86.avx512.vpdpbusd.{32 * vec}")
+    group = 2 if bf16 else 4 if int8 else 1          # inputs per multiply-add step (one 32-bit x element)
+    w_type = _I16 if bf16 else _I8 if int8 else _F32
+    steps = builder.udiv(t_v, const(group)) if group > 1 else t_v  # multiply-add steps per tile
+    row_len = group * panel                                        # w elements per step
+    acc_vec = ivec if int8 else fvec
     end = builder.append_basic_block("kernel.end")
     cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, isa.max_rows + 1)]
     switch = builder.switch(rows_v, cases[0][1])
@@ -139,18 +147,18 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
     for rows, block in cases:
         builder.position_at_end(block)
         splits = max(1, min(4, isa.chains // (nv * rows)))
-        sets = [[cgutils.alloca_once(builder, fvec) for _ in range(nv * rows)] for _ in range(splits)]
+        sets = [[cgutils.alloca_once(builder, acc_vec) for _ in range(nv * rows)] for _ in range(splits)]
         for slot in (s for slots in sets for s in slots):  # promoted to registers by LLVM
-            builder.store(ir.Constant(fvec, [0.0] * vec), slot)
+            builder.store(ir.Constant(acc_vec, [0 if int8 else 0.0] * vec), slot)
 
         def step(w_base, x_rows, i, slots, rows=rows):  # slots[nv*r + c] += x[r, i] * w[i, c*vec : +vec]
             w_row = at(w_base, builder.mul(i, const(row_len)), w_type)
-            if bf16:
-                w_vecs = [load_vec(at(w_row, const(2 * vec * c), w_type), ivec) for c in range(nv)]
+            if group > 1:
+                w_vecs = [load_vec(at(w_row, const(group * vec * c), w_type), ivec) for c in range(nv)]
             else:
                 w_vecs = [load_vec(at(w_row, const(vec * c)), fvec) for c in range(nv)]
             for r in range(rows):
-                if bf16:  # x holds the input pair (2i, 2i+1) in one 32-bit element: broadcast it
+                if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
                     value = builder.load(builder.bitcast(at(x_rows[r], i), _I32.as_pointer()), typ=_I32)
                     bcast = builder.shuffle_vector(builder.insert_element(undef_i, value, ir.Constant(_I32, 0)),
                                                    undef_i, splat)
@@ -160,8 +168,8 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
                                                    undef_f, splat)
                 for c, w_vec in enumerate(w_vecs):
                     slot = slots[nv * r + c]
-                    acc = builder.load(slot, typ=fvec)
-                    if bf16:
+                    acc = builder.load(slot, typ=acc_vec)
+                    if group > 1:
                         total = builder.call(dp, [acc, bcast, w_vec])
                     else:
                         total = builder.fadd(acc, builder.fmul(bcast, w_vec, flags=_FAST), flags=_FAST)
@@ -182,9 +190,21 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
         lo = builder.shuffle_vector(builder.insert_element(undef_f, args[12], ir.Constant(_I32, 0)), undef_f, splat)
         for j, slot in enumerate(sets[0]):
             r, c = divmod(j, nv)
-            total = builder.load(slot, typ=fvec)
+            total = builder.load(slot, typ=acc_vec)
             for extra in sets[1:]:
-                total = builder.fadd(total, builder.load(extra[j], typ=fvec), flags=_FAST)
+                more = builder.load(extra[j], typ=acc_vec)
+                total = builder.add(total, more) if int8 else builder.fadd(total, more, flags=_FAST)
+            if int8:  # (sum q_x q_w - z_r * sum q_w) * s_r * s_w: the zero point's share taken out, then scaled
+                row = builder.add(row0_v, const(r))
+                splat_of = lambda v: builder.shuffle_vector(  # noqa: E731
+                    builder.insert_element(undef_f, v, ir.Constant(_I32, 0)), undef_f, splat)
+                scale_r = splat_of(builder.load(at(data(18), row), typ=_F32))
+                zero_r = splat_of(builder.load(at(data(19), row), typ=_F32))
+                col_sum = load_vec(at(data(10), builder.add(c_off_v, const(vec * c))), fvec)
+                col_scale = load_vec(at(data(10), builder.add(s_off_v, const(vec * c))), fvec)
+                total = builder.fsub(builder.sitofp(total, fvec), builder.fmul(zero_r, col_sum, flags=_FAST),
+                                     flags=_FAST)
+                total = builder.fmul(total, builder.fmul(scale_r, col_scale, flags=_FAST), flags=_FAST)
             total = builder.fadd(total, load_vec(at(bias_ptr, const(vec * c)), fvec), flags=_FAST)
             total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
             target = at(data(13), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(vec * c))))
@@ -194,8 +214,10 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
 
 
 @intrinsic
-def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld):
-    """_kernel(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld):
+def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld,
+            s_off, c_off, rs, rz, row0):
+    """_kernel(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld,
+    s_off, c_off, rs, rz, row0):
     dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
     units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
@@ -204,7 +226,10 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
     float32 array whose every element holds one input pair as two bf16 (offsets count pairs), broadcast
-    as one 32-bit value.
+    as one 32-bit value. int8: w holds int8 quads (inputs 4j..4j+3 per output), x four uint8 per element,
+    and row r's sum becomes (sum - rz[row0 + r] * bias[c_off + j]) * rs[row0 + r] * bias[s_off + j]: the
+    inputs' zero point and scale per row, the weights' column sums and scales per output (``vpdpbusd``).
+    The other precisions ignore the last five arguments.
 
     The loops are emitted in LLVM IR with explicit vectors because numba's auto-vectoriser vectorises
     the i loop instead (strided loads, sums spilled to the stack) whatever the source says. Every row
@@ -216,15 +241,17 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(VARIANTS):
         raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into VARIANTS")
     isa_name, precision = VARIANTS[variant.literal_value]
-    wtype = types.uint16 if precision == "bf16" else types.float32
-    arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32}
+    wtype = {"fp32": types.float32, "bf16": types.uint16, "int8": types.int8}[precision]
+    arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32,
+              rs: types.float32, rz: types.float32}
     if not all(isinstance(a, types.Array) and a.dtype == d and a.layout == "C" for a, d in arrays.items()):
         raise numba.core.errors.TypingError(f"micro-kernel: w must be C-contiguous {wtype}, x, bias and dest "
                                             "float32, tiles intp")
-    if not all(isinstance(i, types.Integer) for i in (rows, w_off, x_off, ldx, k, t, b_off, dest_off, ld)):
+    if not all(isinstance(i, types.Integer) for i in (rows, w_off, x_off, ldx, k, t, b_off, dest_off, ld, s_off, c_off,
+                                                      row0)):
         raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
     sig = types.void(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, types.float32, dest,
-                     dest_off, ld)
+                     dest_off, ld, s_off, c_off, rs, rz, row0)
 
     def codegen(context, builder, signature, args):
         _emit_kernel(ISAS[isa_name], precision, context, builder, signature, args)
@@ -241,12 +268,31 @@ def _to_bf16(x, t, t_pad, out):
     with every input tile padded to an even length, for the bf16 kernel's input pairs."""
     bits = x.view(np.uint32)
     for tile in range(x.size // t):
+        src, dst = bits[tile * t:(tile + 1) * t], out[tile * t_pad:(tile + 1) * t_pad]  # slices: vectorises
         for i in range(t):
-            b = bits[tile * t + i]
-            out[tile * t_pad + i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
-                                              >> np.uint32(16))
+            b = src[i]
+            dst[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
         for i in range(t, t_pad):
-            out[tile * t_pad + i] = 0
+            dst[i] = 0
+
+
+@_njit
+def _to_u8(x, t, t_pad, out, scales, zeros, r):
+    """Row x as uint8 with its own scale and zero point (x ~ (q - zero) * scale, q in 0..255), every input tile
+    padded to ``t_pad`` (a multiple of 4; the padding meets zero weights): the int8 kernel's inputs."""
+    lo, hi = np.float32(0.0), np.float32(0.0)  # the range holds 0, so 0 (ReLU's, padding's) is exact
+    for i in range(x.size):  # plain loops, which LLVM vectorises (x.min() keeps NaN semantics and does not)
+        lo, hi = min(lo, x[i]), max(hi, x[i])
+    scale = (hi - lo) / np.float32(255.0) if hi > lo else np.float32(1.0)
+    zero = np.float32(np.rint(-lo / scale))
+    inv, shift = np.float32(1.0) / scale, zero + np.float32(0.5)  # q = floor(x / scale + zero + 1/2)
+    for tile in range(x.size // t):
+        src, dst = x[tile * t:(tile + 1) * t], out[tile * t_pad:(tile + 1) * t_pad]
+        for i in range(t):
+            dst[i] = np.uint8(np.int32(min(max(src[i] * inv + shift, np.float32(0.0)), np.float32(255.0))))
+        for i in range(t, t_pad):
+            dst[i] = 0
+    scales[r], zeros[r] = scale, zero
 
 
 @_njit
@@ -280,7 +326,7 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     process-unique identity and never hit the cache) and calls the module-level ``_kernel``."""
     isa = ISAS[isa_name]
     code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
-    bf16 = precision == "bf16"
+    bf16, int8 = precision == "bf16", precision == "int8"
 
     @functools.partial(_njit, parallel=parallel)
     def forward(x, p, weights, biases, tiles, meta, threads):
@@ -296,14 +342,20 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
             _patch_rows(x, p, h, b)
         last = meta.shape[0] - 1
         for li in range(last + 1):
-            w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t = (
+            w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off = (
                 meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
-                meta[li, 7], meta[li, 8])
+                meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10])
             rows_in = h.shape[0]
+            scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
+            zeros = np.empty(rows_in if int8 else 0, np.float32)
             if bf16:  # the input in bf16 pairs, every input tile padded to even length
                 xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
                 for r in prange(rows_in):
                     _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
+            elif int8:  # the input in uint8 quads, every input tile padded to a multiple of 4
+                xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 4), np.float32)
+                for r in prange(rows_in):
+                    _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r)
             else:
                 xin = h
             out = np.empty((rows_in, width_out), np.float32)
@@ -330,11 +382,11 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
                     rows = small + (1 if chunk < extra else 0)
                     if width == panel_width:
                         _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                                dest, b0 * ldo + col, ldo)
+                                dest, b0 * ldo + col, ldo, s_off + col, c_off + col, scales, zeros, b0)
                     else:  # a panel cut short by the tile or layer end (rare: allocated only here)
                         acc = np.empty(max_rows * panel_width, np.float32)
                         _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                                acc, 0, panel_width)
+                                acc, 0, panel_width, s_off + col, c_off + col, scales, zeros, b0)
                         for r in range(rows):
                             out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
                     b0 += rows
@@ -343,10 +395,24 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     return forward
 
 
-def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str) -> np.ndarray:
-    """[O, k*t_in, t_out] (per output tile, input unit major) -> flat panels [O, ceil(t_out/panel), k*t_in,
-    panel] float32, zero-padded; bf16: every input tile padded to even length and the input pairs interleaved
-    per output, [O, C, k*t_pad/2, panel, 2] as bfloat16 bits (uint16)."""
+def _per_output(values: np.ndarray, t_out: int) -> np.ndarray:
+    """[O, C, panel] per-panel-column values -> flat per output unit (o*t_out + c*panel + j), as bias is."""
+    n_tiles, n_panels, width = values.shape
+    out = np.zeros((n_tiles, t_out), np.float32)
+    for c in range(n_panels):
+        w = min(width, t_out - c * width)
+        out[:, c * width:c * width + w] = values[:, c, :w]
+    return out.reshape(-1)
+
+
+def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str) -> tuple:
+    """[O, k*t_in, t_out] (per output tile, input unit major) -> (flat panels, scales, column sums).
+
+    fp32: panels [O, ceil(t_out/panel), k*t_in, panel] float32, zero-padded. bf16: every input tile padded to
+    even length and the input pairs interleaved per output, [O, C, k*t_pad/2, panel, 2] as bfloat16 bits
+    (uint16). int8: each output's weights scaled to -127..127 (scale = max |w| / 127, per output unit: finer
+    than per panel), tiles padded to a multiple of 4, quads interleaved, [O, C, k*t_pad/4, panel, 4] int8;
+    scales and the int8 column sums per output unit. Other precisions: empty scales and sums."""
     n_tiles, rows, _ = blocks.shape
     width = isa.panel
     n_panels = -(-t_out // width)
@@ -354,16 +420,26 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str)
     for c in range(n_panels):
         w = min(width, t_out - c * width)
         out[:, c, :, :w] = blocks[:, :, c * width:c * width + w]
+    none = np.zeros(0, np.float32)
     if precision == "fp32":
-        return out.reshape(-1)
-    k, t_pad = rows // t_in, t_in + t_in % 2
+        return out.reshape(-1), none, none
+    group = 2 if precision == "bf16" else 4
+    k, t_pad = rows // t_in, -(-t_in // group) * group
     padded = np.zeros((n_tiles, n_panels, k, t_pad, width), np.float32)
     padded[:, :, :, :t_in] = out.reshape(n_tiles, n_panels, k, t_in, width)
-    pairs = padded.reshape(n_tiles, n_panels, k * t_pad // 2, 2, width).transpose(0, 1, 2, 4, 3)
-    flat = np.ascontiguousarray(pairs).reshape(1, -1)
+    scale = colsum = none
+    if precision == "int8":
+        scale = np.abs(padded).max(axis=(2, 3)) / 127  # [O, C, panel]
+        scale[scale == 0] = 1
+        padded = np.rint(padded / scale[:, :, None, None, :])
+        scale, colsum = _per_output(scale, t_out), _per_output(padded.sum(axis=(2, 3)), t_out)
+    grouped = padded.reshape(n_tiles, n_panels, k * t_pad // group, group, width).transpose(0, 1, 2, 4, 3)
+    flat = np.ascontiguousarray(grouped).reshape(-1)
+    if precision == "int8":
+        return flat.astype(np.int8), scale, colsum
     bits = np.empty(flat.size, np.uint16)
-    _to_bf16(flat.reshape(-1), flat.size, flat.size, bits)
-    return bits
+    _to_bf16(flat, flat.size, flat.size, bits)
+    return bits, none, none
 
 
 def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tuple:
@@ -384,7 +460,8 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
             layer.out_features)
 
 
-META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel")
+META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
+        "scale_offset", "colsum_offset")
 
 
 def _aligned(size: int, dtype, line: int) -> np.ndarray:
@@ -398,10 +475,11 @@ class FusedNet:
     """Callable (N, C, H, W) float32 -> (N, classes) logits running ``PackedNet`` through one compiled forward.
 
     All layers (encoder, hidden layers, head) live in one 64-byte-aligned buffer ``weights`` (panels:
-    float32, or bf16 bits), one float32 buffer ``biases`` and one int64 buffer ``tiles`` (live input
-    tiles), every segment starting on a cache line, described by ``meta`` (one row per layer, columns
-    ``META``; t_kernel is t_in, or t_in rounded up to even for bf16): a few arrays to pass per call instead
-    of tuples of ~20, which is most of numba's per-call cost at batch 1.
+    float32, bf16 bits or int8), one float32 buffer ``biases`` (biases; int8: also the weights' scales and
+    column sums) and one int64 buffer ``tiles`` (live input tiles), every segment starting on a cache line,
+    described by ``meta`` (one row per layer, columns ``META``; t_kernel is t_in rounded up to the inputs per
+    multiply-add step: 1, 2 for bf16, 4 for int8): a few arrays to pass per call instead of tuples of ~20,
+    which is most of numba's per-call cost at batch 1.
 
     ``isa`` (default: the widest this CPU runs, ``host_isa``) picks the micro-kernel shape; ``threads`` > 1
     compiles the parallel variant, run on that many numba threads."""
@@ -415,7 +493,7 @@ class FusedNet:
                              f"{', '.join(PRECISIONS)}")
         if not supported(isa, precision):
             raise ValueError(f"fused: this CPU ({host_isa()}) cannot run the {isa} kernel at {precision}"
-                             + (" (bf16 needs AVX512-BF16)" if precision == "bf16" else ""))
+                             + {"bf16": " (bf16 needs AVX512-BF16)", "int8": " (int8 needs AVX512-VNNI)"}.get(precision, ""))
         if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"fused: threads must be 1..{numba.config.NUMBA_NUM_THREADS} (numba's thread count), "
                              f"got {threads}")
@@ -424,20 +502,24 @@ class FusedNet:
         layers = [_dense(conv, packed.conv_bias, self.isa, precision),
                   *(_layer(l, self.isa, precision) for l in packed.layers),
                   _dense(packed.head_weight, packed.head_bias, self.isa, precision)]
-        dtype = np.uint16 if precision == "bf16" else np.float32
+        dtype = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}[precision]
+        group = {"fp32": 1, "bf16": 2, "int8": 4}[precision]  # inputs per multiply-add step
         line, bline = 64 // np.dtype(dtype).itemsize, 16  # elements per 64-byte cache line
         segments, meta, w_size, b_size, t_off = [], [], 0, 0, 0
-        for panels, idx, t_in, t_out, bias, width in layers:
-            t_kernel = t_in + t_in % 2 if precision == "bf16" else t_in
-            segments.append((w_size, panels, b_size, bias))
-            meta.append((w_size, b_size, t_off, *idx.shape, t_in, t_out, width, t_kernel))
+        for (panels, scale, colsum), idx, t_in, t_out, bias, width in layers:
+            offsets = []
+            for values in (bias, scale, colsum):  # per output unit, in the float32 buffer ``biases``
+                segments.append(("biases", b_size, values))
+                offsets.append(b_size)
+                b_size += -(-values.size // bline) * bline + self.isa.panel  # the kernel reads a panel anywhere
+            segments.append(("weights", w_size, panels))
+            meta.append((w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width, -(-t_in // group) * group,
+                         offsets[1], offsets[2]))
             w_size += -(-panels.size // line) * line
-            b_size += -(-bias.size // bline) * bline + self.isa.panel  # the kernel reads a panel of biases anywhere
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
-        for w_off, panels, b_off, bias in segments:
-            self.weights[w_off:w_off + panels.size] = panels.reshape(-1)
-            self.biases[b_off:b_off + bias.size] = bias
+        for buffer, off, values in segments:
+            getattr(self, buffer)[off:off + values.size] = values.reshape(-1)
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
         self.patch_size = packed.patch_size
