@@ -21,6 +21,9 @@ The vector width and register blocking (``ISAS``) are chosen once, at load, for 
 (and, where there are few, the row chunks) of every layer are shared out with numba's ``prange``.
 ``precision="bf16"`` (AVX512-BF16 only) stores the panels as bfloat16 pairs and runs ``vdpbf16ps``
 (two products per lane, fp32 sums): the activations are rounded to bf16 on their way into each layer.
+``precision="int8"`` (AVX512-VNNI only) stores int8 quads with a scale per output unit and runs
+``vpdpbusd`` (four products per lane, int32 sums) on inputs staged as uint8 with a scale and zero point
+per row.
 
 Only live tiles are stored and read, so compute and memory traffic shrink with the density. Dense
 layers (the encoder's patch conv, the head, every layer of the dense twin) are panels over one input

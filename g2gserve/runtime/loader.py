@@ -5,7 +5,7 @@
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU function over the live tiles (numba; ``threads`` share its panels; ``precision="bf16"`` opt-in).
+CPU function over the live tiles (numba; ``threads`` share its panels; ``precision`` "bf16"/"int8" opt-in).
 ``variant="dense"`` loads the dense twin of the same function (``dense.onnx`` / dense tensors) for
 side-by-side comparisons.
 
@@ -120,8 +120,8 @@ def _ort_runner(bundle: Bundle, variant: str, threads: int | None):
 
 def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
          threads: int | None = None, precision: str = "fp32") -> InferenceModel:
-    """Load an export directory (validated) or a checkpoint (exported in memory). ``precision="bf16"``: the
-    fused backend with bfloat16 weights (CPUs with AVX512-BF16)."""
+    """Load an export directory (validated) or a checkpoint (exported in memory). ``precision`` "bf16" / "int8":
+    the fused backend with bfloat16 (AVX512-BF16) or int8 (AVX512-VNNI) weights."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if variant not in VARIANTS:
