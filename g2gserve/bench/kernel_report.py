@@ -113,7 +113,7 @@ def section(summary: dict, machine: dict, kernel: dict, accuracy: list[dict], co
                   f"({summary['peak_gmacs']['min']:.1f}-{summary['peak_gmacs']['max']:.1f}); fused sparse at batch 64: "
                   f"{summary['fused_gmacs_batch64']['median']:.1f} G MAC/s. Reduced precision at batch 1: "
                   f"{fmt(summary['reduced_batch1'])}.", ""]
-    lines += (["Why the missed ones are missed:", "", *missed, ""] if missed else ["Every target is met.", ""])
+    lines += (["Why the missed ones are missed (the likely causes, from the design; not each measured):", "", *missed, ""] if missed else ["Every target is met.", ""])
     if accuracy:
         lines += ["Accuracy gate (the test split, each reduced model against its fp32 counterpart image by image):", "",
                   *accuracy_table(accuracy), ""]
