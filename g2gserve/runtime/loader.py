@@ -5,11 +5,13 @@
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU function over the live tiles (numba; fastest at small batches, single-threaded). ``variant="dense"``
+CPU function over the live tiles (numba; fastest at small batches, single-threaded); the triton backend
+is the torch one with its block layers in one fused Triton kernel each (CUDA). ``variant="dense"``
 loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,11 @@ from g2gserve.model.checkpoint import CheckpointError, load_model
 from g2gserve.export import ExportError, build_artifacts, ort_session, read_export
 from g2gserve.formats import densify
 from g2gserve.data.preprocess import Preprocess
+from g2gserve.runtime.cuda_graphs import GraphRunner
+from g2gserve.runtime.precision import DTYPES, cast_runner, check_dtype
 from g2gserve.runtime.torch_backend import PackedModule
 
-BACKENDS = ("torch", "onnxruntime", "fused")
+BACKENDS = ("torch", "onnxruntime", "fused", "triton")
 VARIANTS = ("sparse", "dense")
 
 
@@ -29,10 +33,10 @@ class InferenceModel:
     """A loaded model: ``predict`` takes uint8 images, applies the training preprocessing, returns probabilities."""
 
     def __init__(self, run, preprocess: Preprocess, classes: list[str], manifest: dict, backend: str,
-                 device: torch.device, variant: str):
+                 device: torch.device, variant: str, dtype: str = "fp32"):
         self._run = run
         self.preprocess, self.classes, self.manifest = preprocess, classes, manifest
-        self.backend, self.device, self.variant = backend, device, variant
+        self.backend, self.device, self.variant, self.dtype = backend, device, variant, dtype
 
     @property
     def name(self) -> str:
@@ -55,12 +59,15 @@ class InferenceModel:
         return torch.softmax(self._run(x).float(), dim=1).cpu()
 
 
-def _torch_runner(module: PackedModule, device: torch.device):
-    module = module.to(device)
+def _torch_runner(module: torch.nn.Module, device: torch.device, dtype: str = "fp32", max_batch: int | None = None,
+                  input_shape: tuple[int, ...] = ()):
+    """``module`` on ``device`` at ``dtype``; on CUDA with ``max_batch``, behind per-bucket CUDA graphs."""
+    forward = cast_runner(module.to(device), dtype)
+    if device.type == "cuda" and max_batch:
+        forward = GraphRunner(forward, input_shape, device, max_batch)
 
-    @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return module(x.to(device, non_blocking=True))
+        return forward(x.to(device, torch.float32, non_blocking=True))
     return run
 
 
@@ -71,16 +78,25 @@ def _ort_runner(session):
 
 
 def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
-         threads: int | None = None) -> InferenceModel:
-    """Load an export directory (validated) or a checkpoint (exported in memory)."""
+         threads: int | None = None, dtype: str = "fp32", max_batch: int | None = None) -> InferenceModel:
+    """Load an export directory (validated) or a checkpoint (exported in memory).
+
+    ``dtype`` (torch and triton backends): fp32, tf32, bf16 or fp16 (see ``runtime.precision``). With
+    ``max_batch`` on CUDA, forward passes replay CUDA graphs captured per power-of-two batch bucket.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
+    check_dtype(dtype)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"
-    if backend != "torch" and device != "cpu":
-        raise ValueError(f"the {backend} backend runs on the CPU; use backend torch for CUDA")
+        device = "cuda" if torch.cuda.is_available() and backend in ("torch", "triton") else "cpu"
+    if backend in ("onnxruntime", "fused") and device != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU; use backend torch or triton for CUDA")
+    if backend in ("onnxruntime", "fused") and dtype != "fp32":
+        raise ValueError(f"the {backend} backend computes in fp32; dtype {dtype} needs backend torch or triton")
+    if backend == "triton" and device != "cuda" and not _triton_interpreted():
+        raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for but torch sees no CUDA device")
     path = Path(path)
@@ -94,9 +110,14 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         onnx_source = art.model_onnx if variant == "sparse" else art.dense_onnx
     else:
         raise FileNotFoundError(f"{path}: no such export directory or checkpoint")
-    if backend == "torch":
+    if backend in ("torch", "triton"):
         net = densify(packed) if variant == "dense" else packed
-        run = _torch_runner(PackedModule(net), torch.device(device))
+        if backend == "triton":
+            from g2gserve.runtime.triton_backend import TritonModule  # imports triton: only for this backend
+            module = TritonModule(net)
+        else:
+            module = PackedModule(net)
+        run = _torch_runner(module, torch.device(device), dtype, max_batch, tuple(packed.input_shape))
     elif backend == "fused":
         from g2gserve.runtime.fused import fused_runner  # imports numba (~60 MB): only for this backend
         run = fused_runner(densify(packed) if variant == "dense" else packed)
@@ -106,7 +127,11 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise ExportError(f"{path}: onnxruntime cannot load the graph ({e})") from e
     return InferenceModel(run, Preprocess.from_dict(manifest["preprocess"]), list(manifest["classes"]), manifest,
-                          backend, torch.device(device), variant)
+                          backend, torch.device(device), variant, dtype)
 
 
-__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS"]
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "DTYPES"]

@@ -1,0 +1,157 @@
+"""Precision as a runtime option (``fp32 | tf32 | bf16 | fp16``) and the accuracy gate that admits it.
+
+fp32 is the reference (the export's parity gate holds it to 1e-4 of PyTorch). ``tf32`` keeps fp32 weights
+and activations but lets matmuls use TF32 tensor cores (10-bit mantissa inputs); ``bf16``/``fp16`` store
+weights and activations in 16 bits (fp32 accumulation on the GPU). Reduced precision is admitted only where
+the gate holds on *real* test images: top-1 agreement with fp32 >= 99.5%, and it reports the largest
+probability difference. ``python -m g2gserve.runtime.precision EXPORT --dtype bf16 --record`` runs the gate
+and records its result in the export's manifest (``manifest["precision"][dtype]``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_TOP1_AGREEMENT = 0.995
+GATE_IMAGES = 10_000  # the whole Fashion-MNIST / CIFAR test set
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def allows_tf32() -> bool:
+    """Whether fp32 matmuls may use TF32 now; ``matmul_precision`` sets it for torch and the Triton kernel alike."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+@contextlib.contextmanager
+def matmul_precision(dtype: str) -> Iterator[None]:
+    """fp32 matmuls in TF32 (``tf32``) or IEEE fp32 (everything else) inside the block, restored after.
+
+    A CUDA graph captured inside keeps the kernels chosen then, so graphs need it only while capturing.
+    """
+    setting = torch.backends.cuda.matmul
+    before = setting.fp32_precision
+    setting.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
+
+
+def cast_runner(module: nn.Module, dtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` (already on its device) in ``dtype``: float32 input in, float32 logits out."""
+    check_dtype(dtype)
+    module = module.to(TORCH_DTYPES[dtype])
+    compute = TORCH_DTYPES[dtype]
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with matmul_precision(dtype):
+            return module(x.to(compute)).float()
+    return run
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray, dtype: str) -> dict:
+    """The gate on two (N, classes) probability arrays: top-1 agreement and the largest probability difference.
+
+    fp32 must match to the export's parity tolerance; reduced precision must agree on >= 99.5% of top-1s.
+    """
+    from g2gserve.export.writer import PARITY_TOL  # the export's own fp32 tolerance
+
+    reference, candidate = np.asarray(reference, np.float32), np.asarray(candidate, np.float32)
+    if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) == 0:
+        raise ValueError(f"need two non-empty (N, classes) arrays of one shape, got {reference.shape} and {candidate.shape}")
+    top1 = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
+    diff = float(np.abs(reference - candidate).max())
+    finite = bool(np.isfinite(candidate).all())
+    passed = finite and (diff <= PARITY_TOL if dtype == "fp32" else top1 >= MIN_TOP1_AGREEMENT)
+    rule = (f"max probability difference <= {PARITY_TOL}" if dtype == "fp32"
+            else f"top-1 agreement with fp32 >= {MIN_TOP1_AGREEMENT:.1%}")
+    return {"images": len(reference), "top1_agreement": top1, "max_prob_diff": diff, "rule": rule, "passed": passed}
+
+
+def real_test_images(manifest: dict, data_dir: str | Path | None, limit: int = GATE_IMAGES) -> tuple[torch.Tensor, str]:
+    """The first ``limit`` real test images of the model's data set (never downloaded; the gate needs real ones)."""
+    from g2gserve.data.datasets import DataError, load_split
+
+    dataset = manifest.get("dataset")
+    if not dataset:
+        raise ValueError("the manifest names no data set, so there are no real test images to gate on")
+    try:
+        test = load_split(dataset, "test", data_dir, download=False)
+    except DataError as e:
+        raise ValueError(f"the precision gate needs the real {dataset} test set: {e}") from e
+    x = test.x[:limit]
+    return x, f"{dataset} test set ({len(x)} images)"
+
+
+def probabilities(model, images: torch.Tensor, batch: int = 1024) -> np.ndarray:
+    return np.concatenate([np.asarray(model.predict(images[i:i + batch]), np.float32)
+                           for i in range(0, len(images), batch)])
+
+
+def precision_gate(path: str | Path, dtype: str, backend: str = "torch", device: str = "cpu",
+                   data_dir: str | Path | None = None, limit: int = GATE_IMAGES) -> dict:
+    """Run the export at ``dtype`` on ``backend``/``device`` against the fp32 torch model on the CPU, on real
+    test images; returns what was checked, for the manifest."""
+    from g2gserve.runtime.loader import load
+
+    check_dtype(dtype)
+    candidate = load(path, backend=backend, device=device, dtype=dtype)
+    reference = load(path, backend="torch", device="cpu")
+    images, source = real_test_images(candidate.manifest, data_dir, limit)
+    result = agreement(probabilities(reference, images), probabilities(candidate, images), dtype)
+    return {"dtype": dtype, "backend": backend, "device": device, "inputs": source, **result}
+
+
+def record(path: str | Path, result: dict) -> None:
+    """Store a gate result in the export's manifest (atomically; other keys untouched)."""
+    from g2gserve.fileio import atomic_write_text
+
+    manifest_path = Path(path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.setdefault("precision", {})[result["dtype"]] = result
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m g2gserve.runtime.precision",
+                                description="Accuracy gate for reduced precision: top-1 agreement with fp32 on the "
+                                            "real test set (>= 99.5%) and the largest probability difference.")
+    p.add_argument("model", type=Path, help="export directory")
+    p.add_argument("--dtype", choices=DTYPES, required=True)
+    p.add_argument("--backend", choices=("torch", "triton"), default="torch")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the test set is (idx files or test.npz)")
+    p.add_argument("--limit", type=int, default=GATE_IMAGES, help="test images at most")
+    p.add_argument("--record", action="store_true", help="write the result into MODEL/manifest.json")
+    args = p.parse_args(argv)
+    if not args.model.is_dir():
+        p.error(f"{args.model}: not an export directory")
+    try:
+        result = precision_gate(args.model, args.dtype, args.backend, args.device, args.data_dir, args.limit)
+    except ValueError as e:
+        print(f"precision gate: error: {e}", file=sys.stderr)
+        return 2
+    if args.record:
+        record(args.model, result)
+    print(json.dumps(result, indent=1))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""CUDA graphs per batch bucket and precision on the GPU: skipped without CUDA (``make gpu-check`` runs them)."""
+import pytest
+import torch
+
+from g2gserve.data.preprocess import Preprocess
+from g2gserve.model.checkpoint import from_model, save_checkpoint
+from g2gserve.model.g2gnet import build_model
+from g2gserve.runtime import load
+from g2gserve.runtime.cuda_graphs import GraphRunner, buckets
+from g2gserve.runtime.precision import allows_tf32, matmul_precision
+
+from conftest import tiny_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_buckets_are_powers_of_two_covering_max_batch():
+    assert buckets(1) == [1] and buckets(32) == [1, 2, 4, 8, 16, 32] and buckets(33)[-1] == 64
+    with pytest.raises(ValueError):
+        buckets(0)
+
+
+def test_matmul_precision_is_scoped():
+    before = torch.backends.cuda.matmul.fp32_precision
+    with matmul_precision("tf32"):
+        assert allows_tf32()
+        with matmul_precision("fp32"):
+            assert not allows_tf32()
+        assert allows_tf32()
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+@needs_cuda
+def test_graph_runner_pads_to_buckets_and_chunks_large_batches():
+    dev = torch.device("cuda")
+    w = torch.randn(12, 5, device=dev)
+    calls = []
+
+    def ref(x):
+        return torch.relu(x.view(x.shape[0], -1) @ w)
+
+    def fn(x):
+        calls.append(x.shape[0])
+        return ref(x)
+
+    runner = GraphRunner(fn, (3, 4), dev, max_batch=8)
+    for n in (1, 3, 8, 8, 21):  # 21 rows: chunks of 8, 8 and 5 (padded to 8)
+        x = torch.randn(n, 3, 4, device=dev)
+        assert torch.allclose(runner(x), ref(x), atol=1e-5)
+    assert calls == [1] * 3 + [4] * 3 + [8] * 3  # each bucket traced once (2 warm-ups + capture), then replayed
+    out = runner(torch.ones(2, 3, 4, device=dev))
+    runner(torch.zeros(2, 3, 4, device=dev))
+    assert out.abs().sum() > 0  # a returned batch is a copy, not the graph's static output
+    with pytest.raises(ValueError, match="expected input"):
+        runner(torch.zeros(2, 4, 3, device=dev))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant", ["sparse", "dense"])
+def test_graphs_and_precisions_match_pytorch_on_cuda(tmp_path, backend, variant):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(granularity="block", block_size=16)).eval()
+    save_checkpoint(tmp_path / "m.pt", from_model(model, [str(i) for i in range(10)],
+                                                 Preprocess(1, 28, 28, (0.3,), (0.35,))))
+    x = torch.rand(37, 1, 28, 28)
+    ref = model(x)
+    for dtype, tol in (("fp32", 1e-4), ("tf32", 2e-2), ("bf16", 5e-2), ("fp16", 1e-2)):
+        for max_batch in (None, 16):  # eager, then graphs (37 rows = 2 chunks of 16 + 5 padded to 8)
+            m = load(tmp_path / "m.pt", backend=backend, device="cuda", variant=variant, dtype=dtype,
+                     max_batch=max_batch)
+            for rows in (x[:1], x):
+                err = (m.logits(rows).cpu() - ref[:len(rows)]).abs().max().item()
+                assert err < tol * max(1.0, ref.abs().max().item()), (dtype, max_batch, len(rows), err)
