@@ -26,6 +26,7 @@ from g2gserve.runtime.precision import DTYPES, cast_runner, check_dtype
 from g2gserve.runtime.torch_backend import PackedModule
 
 BACKENDS = ("torch", "onnxruntime", "fused", "triton")
+CPU_BACKENDS = ("torch", "onnxruntime", "fused")
 VARIANTS = ("sparse", "dense")
 
 
@@ -134,4 +135,4 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "DTYPES"]
+__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "CPU_BACKENDS", "DTYPES"]

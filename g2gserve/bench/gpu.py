@@ -1,0 +1,114 @@
+"""GPU benchmark: best sparse vs best dense at the same precision, every model behind CUDA graphs.
+
+Per model (a trained export and random-initialised wider G2GNets, where sparsity has room to pay), per
+precision and per batch size, three forward passes take turns (A B C A B C ..., CUDA events): the torch
+block layer (gather + bmm), the Triton kernel, and the dense twin (cuBLAS). All three run in CUDA graphs
+captured for the batch's bucket, at the same precision; the speedup is dense p50 / best sparse p50, checked
+against issue 16's targets. ``g2g-bench --device cuda`` calls ``gpu_bench`` and ``markdown``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from g2gserve.bench.measure import Latency, interleaved
+from g2gserve.formats import PackedNet, densify, pack_model
+from g2gserve.model.config import ModelConfig
+from g2gserve.model.g2gnet import build_model
+from g2gserve.runtime.cuda_graphs import GraphRunner
+from g2gserve.runtime.precision import cast_runner
+from g2gserve.runtime.torch_backend import PackedModule
+
+GPU_DTYPES = ("tf32", "bf16")
+GPU_BATCHES = (1, 256, 4096, 65536)
+WIDE_HIDDEN = (4096, 8192)
+# issue 16: (smallest batch, speedup at least); batch 1 must also take <= 0.05 ms
+TARGETS = ((4096, 2.5), (256, 1.5), (1, 1.0))
+BATCH1_P50_MS = 0.05
+
+
+def target(batch: int) -> float:
+    return next(t for b, t in TARGETS if batch >= b)
+
+
+def packed_from(path: Path) -> PackedNet:
+    """The packed network of an export directory or a checkpoint."""
+    if path.is_dir():
+        from g2gserve.export import read_export
+        return read_export(path)[0]
+    from g2gserve.model.checkpoint import load_model
+    return pack_model(load_model(path)[0])
+
+
+def wide_model(hidden: int, layers: int = 3) -> PackedNet:
+    """A random-initialised default G2GNet (G = 8, 75% sparse, 64x64 tiles) with ``layers`` x ``hidden`` units."""
+    torch.manual_seed(0)
+    return pack_model(build_model(ModelConfig(hidden=(hidden,) * layers)).eval(), "block")
+
+
+def _modules(packed: PackedNet) -> dict[str, nn.Module]:
+    from g2gserve.runtime.triton_backend import TritonModule  # imports triton: only on the GPU path
+    return {"torch sparse": PackedModule(packed), "triton sparse": TritonModule(packed),
+            "dense": PackedModule(densify(packed))}
+
+
+def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[str], seconds: float,
+                 device: torch.device) -> list[dict]:
+    """Rows (model, dtype, batch): p50 of each variant, the best sparse one and its speedup over dense."""
+    rows = []
+    for dtype in dtypes:  # fresh modules per precision: cast_runner converts its module in place
+        runners = {k: GraphRunner(cast_runner(m.to(device), dtype), tuple(packed.input_shape), device, max(batches))
+                   for k, m in _modules(packed).items()}
+        for n in batches:
+            x = torch.randn(n, *packed.input_shape, device=device)
+            calls = {k: (lambda r=r: r(x)) for k, r in runners.items()}
+            times = interleaved(calls, warmup=3, min_iters=10, max_iters=1000, seconds=seconds, device=device)
+            p50 = {k: Latency.of(t).p50_ms for k, t in times.items()}
+            best = min(("torch sparse", "triton sparse"), key=p50.get)
+            speedup = p50["dense"] / p50[best]
+            met = speedup >= target(n) and (n > 1 or p50[best] <= BATCH1_P50_MS)
+            rows.append({"model": name, "dtype": dtype, "batch": n, "p50_ms": p50, "best_sparse": best,
+                         "speedup": speedup, "target": target(n), "met": met})
+            tqdm.write(f"{name} {dtype} batch {n}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in p50.items())
+                       + f" -> {speedup:.2f}x ({best})")
+        del runners
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gpu_bench(model: Path | None, batches: list[int], dtypes: list[str], seconds: float,
+              hidden: list[int], device: str = "cuda") -> dict:
+    dev = torch.device(device)
+    models = ([(f"{model} (export)", lambda: packed_from(model))] if model is not None else []) + \
+             [(f"random G2GNet, 3 x {h} hidden", lambda h=h: wide_model(h)) for h in hidden]
+    rows = []
+    for name, make in tqdm(models, desc="gpu models", unit="model"):
+        packed = make()
+        widths = [l.out_features for l in packed.layers]
+        rows += [r | {"hidden": widths} for r in bench_packed(name, packed, batches, dtypes, seconds, dev)]
+        del packed
+        torch.cuda.empty_cache()
+    import triton
+    return {"gpu_rows": rows, "dtypes": dtypes, "triton": triton.__version__}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: GPU {m.get('gpu')}, host CPU {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+             f"triton {result.get('triton')}. Command: `{result['command']}`", "",
+             "Every forward pass replays a CUDA graph captured for its batch bucket (inputs padded to a power of "
+             "two); the three variants take turns call by call (CUDA events, p50). Best sparse = the faster of the "
+             "torch block layer (gather + bmm) and the Triton kernel; dense = the dense twin (cuBLAS), at the same "
+             f"precision. Targets (issue 16): batch 1 >= 1.0x and <= {BATCH1_P50_MS} ms, batch 256 >= 1.5x, "
+             "batch >= 4096 >= 2.5x.", "",
+             "| model | precision | batch | torch sparse (ms) | triton sparse (ms) | dense (ms) | best sparse vs dense "
+             "| target |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["gpu_rows"]:
+        p = r["p50_ms"]
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']:,} | {p['torch sparse']:.3f} | "
+                     f"{p['triton sparse']:.3f} | {p['dense']:.3f} | **{r['speedup']:.2f}x** "
+                     f"({r['best_sparse'].split()[0]}) | {'met' if r['met'] else 'missed'} (>= {r['target']}x) |")
+    return "\n".join(lines) + "\n"
