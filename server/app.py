@@ -42,6 +42,7 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 64
     threads: int | None = None
+    dtype: str = "fp32"  # torch/triton backends: fp32, tf32, bf16, fp16 (g2gserve.runtime.precision)
     calibrate: bool = True  # time sparse vs dense at start-up (in the background)
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
@@ -111,7 +112,8 @@ class Service:
     def load(self) -> None:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        self.model = load(self.cfg.model, backend=self.cfg.backend, device=self.cfg.device, threads=self.cfg.threads)
+        self.model = load(self.cfg.model, backend=self.cfg.backend, device=self.cfg.device, threads=self.cfg.threads,
+                          dtype=self.cfg.dtype, max_batch=self.cfg.max_batch)  # CUDA: graphs per batch bucket
         warm = torch.zeros(self.cfg.max_batch, *self.model.input_shape, dtype=torch.uint8)
         for n in (1, self.cfg.max_batch):
             self.model.predict(warm[:n])
@@ -136,13 +138,14 @@ class Service:
         try:
             self.calibration = {"status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             cfg, sparse = self.cfg, self.model
-            dense = load(cfg.model, backend=cfg.backend, device=str(sparse.device), variant="dense", threads=cfg.threads)
+            dense = load(cfg.model, backend=cfg.backend, device=str(sparse.device), variant="dense", threads=cfg.threads,
+                         dtype=cfg.dtype, max_batch=cfg.max_batch)
             timing = {}
             for n in sorted({1, cfg.max_batch}):
                 x = sparse.preprocess(torch.zeros(n, *sparse.input_shape, dtype=torch.uint8))
                 times = interleaved({"sparse": lambda: sparse.logits(x), "dense": lambda: dense.logits(x)},
                                     seconds=cfg.calibration_seconds,
-                                    device=sparse.device if cfg.backend == "torch" else None)
+                                    device=sparse.device if sparse.device.type == "cuda" else None)
                 s, d = Latency.of(times["sparse"]), Latency.of(times["dense"])
                 timing[f"batch_{n}"] = {"sparse_p50_ms": s.p50_ms, "dense_p50_ms": d.p50_ms,
                                         "sparse_p99_ms": s.p99_ms, "dense_p99_ms": d.p99_ms,

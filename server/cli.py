@@ -10,7 +10,7 @@ from pathlib import Path
 
 from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
 from g2gserve.export import ExportError, read_export
-from g2gserve.runtime import BACKENDS
+from g2gserve.runtime import BACKENDS, DTYPES
 
 from .app import ServeConfig, create_app
 
@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
-                        "lowest latency at small batches)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+                        "lowest latency at small batches) on the CPU; triton (CUDA: one fused block-sparse kernel per layer)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda: torch or triton backend on the GPU, each batch size bucket (powers of two up to "
+                        "--max-batch) replayed as a CUDA graph")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="torch/triton backends: precision (check it first: python -m g2gserve.runtime.precision)")
     p.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
     p.add_argument("--max-queue", type=int, default=512, help="images waiting at most; beyond: 503 + Retry-After")
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ServeConfig(model=str(args.model), backend=args.backend, device=args.device, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue_images=args.max_queue,
-                          max_body_bytes=int(args.max_body_mb * 2**20), threads=args.threads,
+                          max_body_bytes=int(args.max_body_mb * 2**20), threads=args.threads, dtype=args.dtype,
                           calibrate=not args.no_calibrate)
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)

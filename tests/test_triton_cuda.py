@@ -72,3 +72,29 @@ def test_graphs_and_precisions_match_pytorch_on_cuda(tmp_path, backend, variant)
             for rows in (x[:1], x):
                 err = (m.logits(rows).cpu() - ref[:len(rows)]).abs().max().item()
                 assert err < tol * max(1.0, ref.abs().max().item()), (dtype, max_batch, len(rows), err)
+
+
+@needs_cuda
+def test_serve_on_cuda_with_graphs_and_bf16(tmp_path):
+    pytest.importorskip("fastapi", reason="the server extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from g2gserve.data.images import encode_png
+    from g2gserve.export import export_checkpoint
+    from server.app import ServeConfig, create_app
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(granularity="block", block_size=16)).eval()
+    save_checkpoint(tmp_path / "m.pt", from_model(model, [str(i) for i in range(10)],
+                                                 Preprocess(1, 28, 28, (0.3,), (0.35,))))
+    export_checkpoint(tmp_path / "m.pt", tmp_path / "exp")
+    image = torch.randint(0, 256, (1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    offline = load(tmp_path / "exp").predict(image[None])[0]
+    cfg = ServeConfig(model=str(tmp_path / "exp"), backend="triton", device="cuda", dtype="bf16", max_batch=8,
+                      calibration_seconds=0.05, memory_probe=False)
+    with TestClient(create_app(cfg)) as client:
+        r = client.post("/classify?top_k=1", content=encode_png(image), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["backend"] == "triton" and body["model"]["device"].startswith("cuda")
+        assert body["predictions"][0]["class_id"] == int(torch.as_tensor(offline).argmax())

@@ -66,6 +66,7 @@ def _torch_runner(module: torch.nn.Module, device: torch.device, dtype: str = "f
     forward = cast_runner(module.to(device), dtype)
     if device.type == "cuda" and max_batch:
         forward = GraphRunner(forward, input_shape, device, max_batch)
+        forward.capture_all()  # at load, so no request pays for a capture
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return forward(x.to(device, torch.float32, non_blocking=True))
