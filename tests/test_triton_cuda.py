@@ -89,7 +89,7 @@ def test_serve_on_cuda_with_graphs_and_bf16(tmp_path):
                                                  Preprocess(1, 28, 28, (0.3,), (0.35,))))
     export_checkpoint(tmp_path / "m.pt", tmp_path / "exp")
     image = torch.randint(0, 256, (1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    offline = load(tmp_path / "exp").predict(image[None])[0]
+    offline = load(tmp_path / "exp", backend="triton", device="cuda", dtype="bf16").predict(image[None])[0]
     cfg = ServeConfig(model=str(tmp_path / "exp"), backend="triton", device="cuda", dtype="bf16", max_batch=8,
                       calibration_seconds=0.05, memory_probe=False)
     with TestClient(create_app(cfg)) as client:
