@@ -160,9 +160,12 @@ def test_precision_gate_on_real_test_images_is_recorded(tmp_path, idx_dir, capsy
     result = precision_gate(tmp_path / "exp", "bf16", backend="torch", device="cpu", data_dir=idx_dir)
     assert result["inputs"] == "fashion-mnist test set (64 images)" and result["images"] == 64
     assert 0 < result["max_prob_diff"] < 0.05 and result["passed"] == (result["top1_agreement"] >= 0.995)
-    assert precision_main([str(tmp_path / "exp"), "--dtype", "tf32", "--data-dir", str(idx_dir), "--record"]) == 0
-    recorded = json.loads((tmp_path / "exp" / "manifest.json").read_text())["precision"]["tf32"]
-    assert recorded["passed"] and recorded["top1_agreement"] == 1.0 and recorded["rule"].startswith("top-1")
+    assert precision_main([str(tmp_path / "exp"), "--dtype", "fp32,tf32", "--data-dir", str(idx_dir), "--record",
+                           "--out", str(tmp_path / "gate")]) == 0
+    recorded = json.loads((tmp_path / "exp" / "manifest.json").read_text())["precision"]
+    assert recorded["fp32"]["passed"] and recorded["fp32"]["max_prob_diff"] <= 1e-4
+    assert recorded["tf32"]["passed"] and recorded["tf32"]["top1_agreement"] == 1.0
+    assert recorded["tf32"]["rule"].startswith("top-1") and (tmp_path / "gate.md").read_text().count("| yes |") == 2
     read_export(tmp_path / "exp")  # the recorded manifest still loads
     assert precision_main([str(tmp_path / "exp"), "--dtype", "bf16", "--data-dir", str(tmp_path / "none")]) == 2
     assert "needs the real fashion-mnist test set" in capsys.readouterr().err

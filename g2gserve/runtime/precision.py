@@ -4,8 +4,8 @@ fp32 is the reference (the export's parity gate holds it to 1e-4 of PyTorch). ``
 and activations but lets matmuls use TF32 tensor cores (10-bit mantissa inputs); ``bf16``/``fp16`` store
 weights and activations in 16 bits (fp32 accumulation on the GPU). Reduced precision is admitted only where
 the gate holds on *real* test images: top-1 agreement with fp32 >= 99.5%, and it reports the largest
-probability difference. ``python -m g2gserve.runtime.precision EXPORT --dtype bf16 --record`` runs the gate
-and records its result in the export's manifest (``manifest["precision"][dtype]``).
+probability difference. ``python -m g2gserve.runtime.precision EXPORT --dtype tf32,bf16 --record`` runs the gate
+and records each result in the export's manifest (``manifest["precision"][dtype]``).
 """
 from __future__ import annotations
 
@@ -128,29 +128,47 @@ def record(path: str | Path, result: dict) -> None:
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
 
+def markdown(results: list[dict]) -> str:
+    lines = ["| precision | backend | device | inputs | top-1 agreement with fp32 | max probability difference | rule | passed |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['backend']} | {r['device']} | {r['inputs']} | {r['top1_agreement']:.2%} | "
+              f"{r['max_prob_diff']:.2e} | {r['rule']} | {'yes' if r['passed'] else '**no**'} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m g2gserve.runtime.precision",
                                 description="Accuracy gate for reduced precision: top-1 agreement with fp32 on the "
                                             "real test set (>= 99.5%) and the largest probability difference.")
     p.add_argument("model", type=Path, help="export directory")
-    p.add_argument("--dtype", choices=DTYPES, required=True)
+    p.add_argument("--dtype", required=True, help=f"comma-separated, from {', '.join(DTYPES)}")
     p.add_argument("--backend", choices=("torch", "triton"), default="torch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--data-dir", type=Path, default=None, help="where the test set is (idx files or test.npz)")
     p.add_argument("--limit", type=int, default=GATE_IMAGES, help="test images at most")
-    p.add_argument("--record", action="store_true", help="write the result into MODEL/manifest.json")
+    p.add_argument("--record", action="store_true", help="write the results into MODEL/manifest.json")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON and a markdown table "
+                                                          "(OUT.json, OUT.md)")
     args = p.parse_args(argv)
+    dtypes = [d for d in args.dtype.split(",") if d]
     if not args.model.is_dir():
         p.error(f"{args.model}: not an export directory")
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        p.error(f"--dtype: choose from {', '.join(DTYPES)}")
     try:
-        result = precision_gate(args.model, args.dtype, args.backend, args.device, args.data_dir, args.limit)
+        results = [precision_gate(args.model, d, args.backend, args.device, args.data_dir, args.limit) for d in dtypes]
     except ValueError as e:
         print(f"precision gate: error: {e}", file=sys.stderr)
         return 2
     if args.record:
-        record(args.model, result)
-    print(json.dumps(result, indent=1))
-    return 0 if result["passed"] else 1
+        for result in results:
+            record(args.model, result)
+    if args.out is not None:
+        from g2gserve.fileio import atomic_write_text
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+        atomic_write_text(args.out.with_suffix(".md"), markdown(results))
+    print(markdown(results))
+    return 0 if all(r["passed"] for r in results) else 1
 
 
 if __name__ == "__main__":
