@@ -34,7 +34,7 @@ def check_dtype(dtype: str) -> str:
 
 def allows_tf32() -> bool:
     """Whether fp32 matmuls may use TF32 now; ``matmul_precision`` sets it for torch and the Triton kernel alike."""
-    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
 
 
 @contextlib.contextmanager
@@ -42,14 +42,16 @@ def matmul_precision(dtype: str) -> Iterator[None]:
     """fp32 matmuls in TF32 (``tf32``) or IEEE fp32 (everything else) inside the block, restored after.
 
     A CUDA graph captured inside keeps the kernels chosen then, so graphs need it only while capturing.
+    The ``allow_tf32`` switch sets torch's legacy and new precision settings together; setting only the new
+    ``fp32_precision`` leaves them disagreeing, and cuBLAS then refuses to run (torch 2.9+).
     """
     setting = torch.backends.cuda.matmul
-    before = setting.fp32_precision
-    setting.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
+    before = setting.allow_tf32
+    setting.allow_tf32 = dtype == "tf32"
     try:
         yield
     finally:
-        setting.fp32_precision = before
+        setting.allow_tf32 = before
 
 
 def cast_runner(module: nn.Module, dtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
