@@ -178,11 +178,13 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
     monkeypatch.setattr(gpu, "GraphRunner", lambda fn, shape, device, max_batch: fn)
     torch.manual_seed(0)
     packed = pack_model(build_model(tiny_config(granularity="block", block_size=16)).eval())
-    rows = gpu.bench_packed("tiny", packed, [1, 17], ["fp32", "bf16"], 0.01, DEVICE)
+    rows, profiles = gpu.bench_packed("tiny", packed, [1, 17], ["fp32", "bf16"], 0.01, DEVICE)
     assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 17), ("bf16", 1), ("bf16", 17)]
     assert [gpu.target(n) for n in (1, 255, 256, 4095, 4096, 65536)] == [1.0, 1.0, 1.5, 1.5, 2.5, 2.5]
     for r in rows:
         assert r["speedup"] == pytest.approx(r["p50_ms"]["dense"] / r["p50_ms"][r["best_sparse"]])
-    table = gpu.markdown({"gpu_rows": rows, "machine": {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"},
+    assert len(profiles) == 2 * sum(not r["met"] for r in rows)  # best sparse and dense, for every missed target
+    assert all(p.get("error") or p["kernels"] for p in profiles)
+    table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"},
                           "command": "g2g-bench --device cuda", "triton": triton.__version__})
-    assert table.count("| tiny |") == 4 and table.count(" (>= 1.0x) |") == 4
+    assert table.count(" (>= 1.0x) |") == 4 and table.count("| tiny |") == 4 + len(profiles)

@@ -62,14 +62,32 @@ def _modules(packed: PackedNet) -> dict[str, nn.Module]:
             "dense": PackedModule(densify(packed))}
 
 
+def profile(fn, x: torch.Tensor, calls: int = 5, top: int = 4) -> list[dict]:
+    """Where one variant's time goes: the kernels with the most device time over ``calls`` eager calls
+    (torch.profiler; per call, in microseconds)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    fn(x)
+    with torch_profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if x.is_cuda else "CPU")]
+    key = (lambda e: e.self_device_time_total) if x.is_cuda else (lambda e: e.self_cpu_time_total)
+    return [{"kernel": e.key[:60], "us_per_call": key(e) / calls} for e in sorted(events, key=key, reverse=True)[:top]]
+
+
 def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[str], seconds: float,
                  device: torch.device) -> list[dict]:
     """Rows (model, dtype, batch): p50 of each variant, the best sparse one and its speedup over dense."""
-    rows = []
+    rows, profiles = [], []
     budget = torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 2**32
     for dtype in dtypes:  # fresh modules per precision: cast_runner converts its module in place
-        runners = {k: GraphRunner(cast_runner(m.to(device), dtype), tuple(packed.input_shape), device, max(batches))
-                   for k, m in _modules(packed).items()}
+        eager = {k: cast_runner(m.to(device), dtype) for k, m in _modules(packed).items()}
+        runners = {k: GraphRunner(f, tuple(packed.input_shape), device, max(batches)) for k, f in eager.items()}
         for n in batches:
             x = torch.randn(n, *packed.input_shape, device=device)
             gathered = gather_bytes(packed, n, dtype)
@@ -84,9 +102,17 @@ def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[
                          "speedup": speedup, "target": target(n), "met": met, "gather_bytes": gathered})
             tqdm.write(f"{name} {dtype} batch {n}: " + ", ".join(f"{k} {_ms(v, gathered)}" for k, v in p50.items())
                        + f" -> {speedup:.2f}x ({best})")
-        del runners
-        torch.cuda.empty_cache()
-    return rows
+            if not met:  # a missed target comes with where the time goes (eager, so kernel by kernel)
+                for k in (best, "dense"):
+                    try:
+                        profiles.append({"model": name, "dtype": dtype, "batch": n, "variant": k,
+                                         "kernels": profile(eager[k], x)})
+                    except RuntimeError as e:  # a profiler that cannot attach must not cost the benchmark
+                        profiles.append({"model": name, "dtype": dtype, "batch": n, "variant": k, "error": str(e)})
+        del runners, eager
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, profiles
 
 
 def gpu_bench(model: Path | None, batches: list[int], dtypes: list[str], seconds: float,
@@ -94,15 +120,17 @@ def gpu_bench(model: Path | None, batches: list[int], dtypes: list[str], seconds
     dev = torch.device(device)
     models = ([(f"{model} (export)", lambda: packed_from(model))] if model is not None else []) + \
              [(f"random G2GNet, 3 x {h} hidden", lambda h=h: wide_model(h)) for h in hidden]
-    rows = []
+    rows, profiles = [], []
     for name, make in tqdm(models, desc="gpu models", unit="model"):
         packed = make()
         widths = [l.out_features for l in packed.layers]
-        rows += [r | {"hidden": widths} for r in bench_packed(name, packed, batches, dtypes, seconds, dev)]
+        cells, where = bench_packed(name, packed, batches, dtypes, seconds, dev)
+        rows += [r | {"hidden": widths} for r in cells]
+        profiles += where
         del packed
         torch.cuda.empty_cache()
     import triton
-    return {"gpu_rows": rows, "dtypes": dtypes, "triton": triton.__version__}
+    return {"gpu_rows": rows, "gpu_profiles": profiles, "dtypes": dtypes, "triton": triton.__version__}
 
 
 def _ms(p50: float | None, gathered: int) -> str:
@@ -125,4 +153,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']:,} | {_ms(p['torch sparse'], r['gather_bytes'])} | "
                      f"{p['triton sparse']:.3f} | {p['dense']:.3f} | **{r['speedup']:.2f}x** "
                      f"({r['best_sparse'].split()[0]}) | {'met' if r['met'] else 'missed'} (>= {r['target']}x) |")
+    if result.get("gpu_profiles"):
+        lines += ["", "Where the time goes where a target is missed (eager calls, torch.profiler, device time per call):",
+                  "", "| model | precision | batch | variant | top kernels (us per call) |", "|---|---|---|---|---|"]
+        for p in result["gpu_profiles"]:
+            what = p.get("error") or ", ".join(f"`{k['kernel']}` {k['us_per_call']:.1f}" for k in p["kernels"])
+            lines.append(f"| {p['model']} | {p['dtype']} | {p['batch']:,} | {p['variant']} | {what} |")
     return "\n".join(lines) + "\n"
