@@ -29,14 +29,14 @@ GROUP = 8  # batch blocks that run tile after tile together, so their inputs and
 
 
 @triton.jit
-def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, stride_x, stride_y,
-                         O: tl.constexpr, K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles, stride_x, stride_y,
+                         K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
                          RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Program order: GROUP batch blocks for output tile 0, the same blocks for tile 1, ... (swizzled like
     # Triton's matmul tutorial) so a wave of programs shares both its input rows and its weight tiles in L2.
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n_rows, BLOCK_N)
-    per_group = GROUP * O
+    per_group = GROUP * n_tiles
     first = (pid // per_group) * GROUP
     size = tl.minimum(n_blocks - first, GROUP)
     block = first + (pid % per_group) % size
@@ -106,8 +106,8 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
     block_n, warps, stages = launch_config(n, b)
     grid = (n_out * triton.cdiv(n, block_n),)
     precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
-    _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, x.stride(0), out.stride(0),
-                               O=n_out, K=k, B=b, BLOCK_N=block_n, GROUP=GROUP, RELU=relu, PRECISION=precision,
+    _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
+                               K=k, B=b, BLOCK_N=block_n, GROUP=GROUP, RELU=relu, PRECISION=precision,
                                UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
                                num_warps=warps, num_stages=stages)
     return out
