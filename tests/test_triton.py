@@ -83,6 +83,13 @@ def test_kernel_over_many_batch_blocks_and_strided_rows():
     assert (y.cpu() - _reference(x, blocks, idx, bias, True)).abs().max().item() < 1e-4
 
 
+def test_launch_config_fills_the_gpu_before_amortising_weights():
+    assert triton_kernel.launch_config(1, 16, 64)[0] == 16 and triton_kernel.launch_config(65536, 16, 64)[0] == 128
+    assert triton_kernel.launch_config(256, 16, 64, multiprocessors=132)[0] == 16  # 16 tiles x 16 blocks >= 264
+    assert triton_kernel.launch_config(1024, 16, 64, multiprocessors=132)[0] == 32  # 16 x 32 programs
+    assert triton_kernel.launch_config(4096, 16, 64, multiprocessors=132)[0] == 128  # 16 x 32 programs
+
+
 def test_kernel_refuses_what_it_cannot_run():
     blocks, idx, bias = _layer(2, 2, 1, 16)
     x = torch.randn(3, 32)

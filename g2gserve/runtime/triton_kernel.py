@@ -16,6 +16,7 @@ module is imported: ``triton.jit`` reads it when the kernel is defined), which t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,10 +69,18 @@ def supports(block_size: int) -> bool:
     return block_size >= MIN_TILE and block_size & (block_size - 1) == 0
 
 
-def launch_config(n_rows: int, block_size: int) -> tuple[int, int, int]:
-    """(batch rows per program, warps, pipeline stages): 16 rows for single requests up to 128 for large
-    batches, which amortises each weight tile over more rows. A starting point, not a tuned table."""
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_config(n_rows: int, n_tiles: int, block_size: int, multiprocessors: int = 1) -> tuple[int, int, int]:
+    """(batch rows per program, warps, pipeline stages). Up to 128 rows per program amortise each weight tile
+    over more rows; fewer rows where the grid would otherwise leave multiprocessors idle (mid-size batches of
+    narrow layers), down to 16 (tl.dot's smallest). A starting point, not a tuned table."""
     block_n = min(128, max(MIN_TILE, triton.next_power_of_2(n_rows)))
+    while block_n > MIN_TILE and n_tiles * triton.cdiv(n_rows, block_n) < 2 * multiprocessors:
+        block_n //= 2
     warps = 8 if block_n * block_size >= 128 * 128 else 4
     return block_n, warps, 3
 
@@ -103,7 +112,7 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
         out = torch.empty(n, n_out * b, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    block_n, warps, stages = launch_config(n, b)
+    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device))
     grid = (n_out * triton.cdiv(n, block_n),)
     precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
     _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
