@@ -11,7 +11,6 @@ loads the dense twin of the same function (``dense.onnx`` / dense tensors) for s
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +96,6 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
         raise ValueError(f"the {backend} backend runs on the CPU; use backend torch or triton for CUDA")
     if backend in ("onnxruntime", "fused") and dtype != "fp32":
         raise ValueError(f"the {backend} backend computes in fp32; dtype {dtype} needs backend torch or triton")
-    if backend == "triton" and device != "cuda" and not _triton_interpreted():
-        raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for but torch sees no CUDA device")
     path = Path(path)
@@ -115,7 +112,10 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     if backend in ("torch", "triton"):
         net = densify(packed) if variant == "dense" else packed
         if backend == "triton":
-            from g2gserve.runtime.triton_backend import TritonModule  # imports triton: only for this backend
+            from g2gserve.runtime import triton_kernel  # imports triton: only for this backend
+            from g2gserve.runtime.triton_backend import TritonModule
+            if device != "cuda" and not triton_kernel.INTERPRETED:
+                raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
             module = TritonModule(net)
         else:
             module = PackedModule(net)
@@ -130,10 +130,6 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
             raise ExportError(f"{path}: onnxruntime cannot load the graph ({e})") from e
     return InferenceModel(run, Preprocess.from_dict(manifest["preprocess"]), list(manifest["classes"]), manifest,
                           backend, torch.device(device), variant, dtype)
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 __all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "CPU_BACKENDS", "DTYPES"]
