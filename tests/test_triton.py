@@ -195,3 +195,17 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
     table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"},
                           "command": "g2g-bench --device cuda", "triton": triton.__version__})
     assert table.count(" (>= 1.0x) |") == 4 and table.count("| tiny |") == 4 + len(profiles)
+
+
+def test_export_cli_gates_and_records_precisions(tmp_path, idx_dir, capsys):
+    from export.cli import main as export_main
+
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    out = tmp_path / "exp"
+    assert export_main([str(path), "--out", str(out), "--data-dir", str(idx_dir), "--dtype", "tf32,fp16"]) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["precision"]
+    assert sorted(recorded) == ["fp16", "tf32"] and all(r["passed"] and r["backend"] == "torch" for r in recorded.values())
+    assert "| fp16 | torch | cpu | fashion-mnist test set (64 images) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export_main([str(path), "--out", str(tmp_path / "x"), "--dtype", "int8"])
+    assert "unknown dtype 'int8'" in capsys.readouterr().err

@@ -130,6 +130,21 @@ def record(path: str | Path, result: dict) -> None:
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
 
+def gate_all(path: str | Path, dtypes: list[str], backend: str = "torch", device: str = "cpu",
+             data_dir: str | Path | None = None, limit: int = GATE_IMAGES, save: bool = False) -> list[dict]:
+    """``precision_gate`` for each dtype; with ``save``, each result is recorded in the export's manifest."""
+    results = [precision_gate(path, d, backend, device, data_dir, limit) for d in dtypes]
+    if save:
+        for result in results:
+            record(path, result)
+    return results
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``"tf32,bf16"`` -> ["tf32", "bf16"], each checked."""
+    return [check_dtype(d) for d in text.split(",") if d]
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| precision | backend | device | inputs | top-1 agreement with fp32 | max probability difference | rule | passed |",
              "|---|---|---|---|---|---|---|---|"]
@@ -152,19 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON and a markdown table "
                                                           "(OUT.json, OUT.md)")
     args = p.parse_args(argv)
-    dtypes = [d for d in args.dtype.split(",") if d]
     if not args.model.is_dir():
         p.error(f"{args.model}: not an export directory")
-    if not dtypes or any(d not in DTYPES for d in dtypes):
-        p.error(f"--dtype: choose from {', '.join(DTYPES)}")
     try:
-        results = [precision_gate(args.model, d, args.backend, args.device, args.data_dir, args.limit) for d in dtypes]
+        dtypes = parse_dtypes(args.dtype)
+    except ValueError as e:
+        p.error(str(e))
+    if not dtypes:
+        p.error("--dtype: name at least one")
+    try:
+        results = gate_all(args.model, dtypes, args.backend, args.device, args.data_dir, args.limit, args.record)
     except ValueError as e:
         print(f"precision gate: error: {e}", file=sys.stderr)
         return 2
-    if args.record:
-        for result in results:
-            record(args.model, result)
     if args.out is not None:
         from g2gserve.fileio import atomic_write_text
         atomic_write_text(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
