@@ -109,7 +109,7 @@ def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[
                                          "kernels": profile(eager[k], x)})
                     except RuntimeError as e:  # a profiler that cannot attach must not cost the benchmark
                         profiles.append({"model": name, "dtype": dtype, "batch": n, "variant": k, "error": str(e)})
-        del runners, eager
+        del runners, eager, calls, x  # frees the graphs and their memory pools before the next precision
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, profiles
