@@ -81,8 +81,9 @@ def profile(fn, x: torch.Tensor, calls: int = 5, top: int = 4) -> list[dict]:
 
 
 def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[str], seconds: float,
-                 device: torch.device) -> list[dict]:
-    """Rows (model, dtype, batch): p50 of each variant, the best sparse one and its speedup over dense."""
+                 device: torch.device) -> tuple[list[dict], list[dict]]:
+    """Rows (model, dtype, batch): p50 of each variant, the best sparse one and its speedup over dense; and
+    the kernel profiles of the rows that miss their target."""
     rows, profiles = [], []
     budget = torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 2**32
     for dtype in dtypes:  # fresh modules per precision: cast_runner converts its module in place
