@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from g2gserve.data.preprocess import Preprocess
-from g2gserve.export import export_checkpoint, read_export
+from g2gserve.bundle import read_bundle
+from g2gserve.export import export_checkpoint
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.checkpoint import from_model, save_checkpoint
 from g2gserve.model.g2gnet import build_model
@@ -173,7 +174,7 @@ def test_precision_gate_on_real_test_images_is_recorded(tmp_path, idx_dir, capsy
     assert recorded["fp32"]["passed"] and recorded["fp32"]["max_prob_diff"] <= 1e-4
     assert recorded["tf32"]["passed"] and recorded["tf32"]["top1_agreement"] == 1.0
     assert recorded["tf32"]["rule"].startswith("top-1") and (tmp_path / "gate.md").read_text().count("| yes |") == 2
-    read_export(tmp_path / "exp")  # the recorded manifest still loads
+    assert read_bundle(tmp_path / "exp").manifest.precision["tf32"].passed  # the recorded manifest still loads
     assert precision_main([str(tmp_path / "exp"), "--dtype", "bf16", "--data-dir", str(tmp_path / "none")]) == 2
     assert "needs the real fashion-mnist test set" in capsys.readouterr().err
 

@@ -19,7 +19,7 @@ from g2gserve.formats import PackedNet, densify, pack_model
 from g2gserve.model.config import ModelConfig
 from g2gserve.model.g2gnet import build_model
 from g2gserve.runtime.cuda_graphs import GraphRunner
-from g2gserve.runtime.precision import TORCH_DTYPES, cast_runner
+from g2gserve.runtime.precision import cast_runner, torch_dtype
 from g2gserve.runtime.torch_backend import PackedModule
 
 GPU_DTYPES = ("tf32", "bf16")
@@ -36,11 +36,8 @@ def target(batch: int) -> float:
 
 def packed_from(path: Path) -> PackedNet:
     """The packed network of an export directory or a checkpoint."""
-    if path.is_dir():
-        from g2gserve.export import read_export
-        return read_export(path)[0]
-    from g2gserve.model.checkpoint import load_model
-    return pack_model(load_model(path)[0])
+    from g2gserve.runtime import open_bundle
+    return open_bundle(path, onnx_graphs=False).packed
 
 
 def wide_model(hidden: int, layers: int = 3) -> PackedNet:
@@ -51,8 +48,8 @@ def wide_model(hidden: int, layers: int = 3) -> PackedNet:
 
 def gather_bytes(packed: PackedNet, n: int, dtype: str) -> int:
     """The torch block layer's gathered copy of its input at batch ``n`` (the largest layer's), in bytes."""
-    size = TORCH_DTYPES[dtype].itemsize
-    return max((n * l.tensors["idx"].numel() * l.block_size * size for l in packed.layers if l.format == "block"),
+    size = torch_dtype(dtype).itemsize
+    return max((n * l.tensors["idx"].size * l.block_size * size for l in packed.layers if l.format == "block"),
                default=0)
 
 

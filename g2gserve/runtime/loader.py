@@ -1,39 +1,48 @@
 """``load(MODEL)``: an inference model from an export directory or a ``model.pt``.
 
     model = load("runs/fmnist/export", backend="onnxruntime")
-    probs = model.predict(images_uint8)        # (N, C, H, W) uint8 -> (N, classes) probabilities
+    probs = model.predict(images_uint8)        # (N, C, H, W) uint8 -> (N, classes) float32 numpy probabilities
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU function over the live tiles (numba; fastest at small batches, single-threaded); the triton backend
-is the torch one with its block layers in one fused Triton kernel each (CUDA). ``variant="dense"``
-loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons.
+CPU function over the live tiles (numba); the triton backend is the torch one with its block layers in one
+fused Triton kernel each (CUDA). ``variant="dense"`` loads the dense twin of the same function
+(``dense.onnx`` / dense tensors) for side-by-side comparisons. The torch and triton backends take a precision
+(``dtype``, see ``runtime.precision``) and, on CUDA with ``max_batch``, replay CUDA graphs per batch bucket.
+
+Only the torch and triton backends import torch: with onnxruntime or fused, loading an export directory, preprocessing
+and softmax are numpy, so a serving install needs no torch (``pip install 'g2gserve[serve]'``).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from g2gserve.model.checkpoint import CheckpointError, load_model
-from g2gserve.export import ExportError, build_artifacts, ort_session, read_export
-from g2gserve.formats import densify
+from g2gserve.bundle import Bundle, ExportError, read_bundle
 from g2gserve.data.preprocess import Preprocess
-from g2gserve.runtime.cuda_graphs import GraphRunner
-from g2gserve.runtime.precision import DTYPES, cast_runner, check_dtype
-from g2gserve.runtime.torch_backend import PackedModule
+from g2gserve.errors import CheckpointError
+from g2gserve.formats import PackedNet, densify
+from g2gserve.runtime.precision import DTYPES, check_dtype
 
 BACKENDS = ("torch", "onnxruntime", "fused", "triton")
 CPU_BACKENDS = ("torch", "onnxruntime", "fused")
+TORCH_BACKENDS = ("torch", "triton")
 VARIANTS = ("sparse", "dense")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z, dtype=np.float32)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 class InferenceModel:
     """A loaded model: ``predict`` takes uint8 images, applies the training preprocessing, returns probabilities."""
 
-    def __init__(self, run, preprocess: Preprocess, classes: list[str], manifest: dict, backend: str,
-                 device: torch.device, variant: str, dtype: str = "fp32"):
+    def __init__(self, run: Callable[[Any], Any], preprocess: Preprocess, classes: list[str], manifest: dict,
+                 backend: str, device: Any, variant: str, dtype: str = "fp32"):
         self._run = run
         self.preprocess, self.classes, self.manifest = preprocess, classes, manifest
         self.backend, self.device, self.variant, self.dtype = backend, device, variant, dtype
@@ -46,90 +55,122 @@ class InferenceModel:
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocess.input_shape
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for already-normalised float input (N, C, H, W)."""
+    def logits(self, x):
+        """Logits for already-normalised float32 input (N, C, H, W): numpy in, numpy out. The torch backend
+        also takes a torch tensor (on its device) and then returns one, so benchmarks time no copies."""
         return self._run(x)
 
-    def predict(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(N, C, H, W) uint8 images -> (N, classes) float probabilities on the CPU."""
-        images = torch.as_tensor(images)
-        if images.dtype != torch.uint8:
+    def predict(self, images) -> np.ndarray:
+        """(N, C, H, W) uint8 images (numpy; CPU torch tensors accepted) -> (N, classes) float32 probabilities."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
             raise ValueError(f"predict expects uint8 images, got {images.dtype}")
-        x = self.preprocess(images)
-        return torch.softmax(self._run(x).float(), dim=1).cpu()
+        return softmax(np.asarray(self._run(self.preprocess(images)), dtype=np.float32))
 
 
-def _torch_runner(module: torch.nn.Module, device: torch.device, dtype: str = "fp32", max_batch: int | None = None,
-                  input_shape: tuple[int, ...] = ()):
-    """``module`` on ``device`` at ``dtype``; on CUDA with ``max_batch``, behind per-bucket CUDA graphs."""
-    forward = cast_runner(module.to(device), dtype)
-    if device.type == "cuda" and max_batch:
-        forward = GraphRunner(forward, input_shape, device, max_batch)
+def open_bundle(path: str | Path, onnx_graphs: bool = True) -> Bundle:
+    """The bundle of an export directory (validated) or of a ``model.pt`` (packed in memory; needs torch, and
+    onnx when ``onnx_graphs``). The one entry point above both for every runtime."""
+    path = Path(path)
+    if path.is_dir():
+        return read_bundle(path)
+    if path.is_file():
+        from g2gserve.export.writer import build_artifacts
+        from g2gserve.model.checkpoint import load_model
+        model, ckpt = load_model(path)
+        return build_artifacts(model, ckpt, name=path.parent.name or path.stem, onnx_graphs=onnx_graphs).bundle
+    raise FileNotFoundError(f"{path}: no such export directory or checkpoint")
+
+
+def _import(module: str, backend: str, install: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise ImportError(f"the {backend} backend needs {module}, which is not installed: {install}") from e
+
+
+def _torch_runner(packed: PackedNet, device: str, backend: str = "torch", dtype: str = "fp32",
+                  max_batch: int | None = None):
+    """The network as a torch module (triton: block layers in the Triton kernel) on ``device`` at ``dtype``;
+    on CUDA with ``max_batch``, behind CUDA graphs captured now for every batch bucket."""
+    torch = _import("torch", backend, "pip install 'g2gserve[train]' (or install torch)")
+    from g2gserve.runtime.precision import cast_runner
+    dev = torch.device(device)
+    if backend == "triton":
+        from g2gserve.runtime import triton_kernel  # imports triton: only for this backend
+        from g2gserve.runtime.triton_backend import TritonModule
+        if dev.type != "cuda" and not triton_kernel.INTERPRETED:
+            raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
+        module = TritonModule(packed)
+    else:
+        from g2gserve.runtime.torch_backend import PackedModule
+        module = PackedModule(packed)
+    forward = cast_runner(module.to(dev), dtype)
+    if dev.type == "cuda" and max_batch:
+        from g2gserve.runtime.cuda_graphs import GraphRunner
+        forward = GraphRunner(forward, packed.input_shape, dev, max_batch)
         forward.capture_all()  # at load, so no request pays for a capture
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return forward(x.to(device, torch.float32, non_blocking=True))
-    return run
+    def run(x):
+        if isinstance(x, torch.Tensor):
+            return forward(x.to(dev, torch.float32, non_blocking=True))
+        return forward(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev)).cpu().numpy()
+    return run, dev
 
 
-def _ort_runner(session):
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy().astype(np.float32, copy=False)})[0])
-    return run
+def _fused_runner(packed: PackedNet):
+    _import("numba", "fused", "pip install 'g2gserve[serve]' (or install numba)")
+    from g2gserve.runtime.fused import FusedNet
+    net = FusedNet(packed)
+    net(np.zeros((1, *net.input_shape), np.float32))  # compile (or load numba's cache) now, not on the first request
+    return lambda x: net(np.asarray(x, np.float32))
+
+
+def _ort_runner(bundle: Bundle, variant: str, threads: int | None):
+    from g2gserve.runtime.ort import ort_session
+    _import("onnxruntime", "onnxruntime", "pip install 'g2gserve[serve]' (or install onnxruntime)")
+    try:
+        session = ort_session(bundle.onnx_source(variant), threads)
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+        raise ExportError(f"{bundle.directory}: onnxruntime cannot load the graph ({e})") from e
+    return lambda x: session.run(None, {"input": np.asarray(x, np.float32)})[0]
 
 
 def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
          threads: int | None = None, dtype: str = "fp32", max_batch: int | None = None) -> InferenceModel:
     """Load an export directory (validated) or a checkpoint (exported in memory).
 
-    ``dtype`` (torch and triton backends): fp32, tf32, bf16 or fp16 (see ``runtime.precision``). With
-    ``max_batch`` on CUDA, forward passes replay CUDA graphs captured per power-of-two batch bucket.
+    ``dtype`` (torch and triton backends): fp32, tf32, bf16 or fp16. With ``max_batch`` on CUDA, forward
+    passes replay CUDA graphs captured per power-of-two batch bucket up to ``max_batch``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
     check_dtype(dtype)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and backend in ("torch", "triton") else "cpu"
-    if backend in ("onnxruntime", "fused") and device != "cpu":
+    if backend not in TORCH_BACKENDS and device not in ("cpu", "auto"):
         raise ValueError(f"the {backend} backend runs on the CPU; use backend torch or triton for CUDA")
-    if backend in ("onnxruntime", "fused") and dtype != "fp32":
+    if backend not in TORCH_BACKENDS and dtype != "fp32":
         raise ValueError(f"the {backend} backend computes in fp32; dtype {dtype} needs backend torch or triton")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda asked for but torch sees no CUDA device")
-    path = Path(path)
-    if path.is_dir():
-        packed, manifest = read_export(path)
-        onnx_source = path / ("model.onnx" if variant == "sparse" else "dense.onnx")
-    elif path.is_file():
-        model, ckpt = load_model(path)
-        art = build_artifacts(model, ckpt, name=path.parent.name or path.stem)
-        packed, manifest = art.packed, art.manifest
-        onnx_source = art.model_onnx if variant == "sparse" else art.dense_onnx
-    else:
-        raise FileNotFoundError(f"{path}: no such export directory or checkpoint")
-    if backend in ("torch", "triton"):
-        net = densify(packed) if variant == "dense" else packed
-        if backend == "triton":
-            from g2gserve.runtime import triton_kernel  # imports triton: only for this backend
-            from g2gserve.runtime.triton_backend import TritonModule
-            if device != "cuda" and not triton_kernel.INTERPRETED:
-                raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
-            module = TritonModule(net)
-        else:
-            module = PackedModule(net)
-        run = _torch_runner(module, torch.device(device), dtype, max_batch, tuple(packed.input_shape))
+    if backend in TORCH_BACKENDS:
+        torch = _import("torch", backend, "pip install 'g2gserve[train]' (or install torch)")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda asked for but torch sees no CUDA device")
+    bundle = open_bundle(path, onnx_graphs=(backend == "onnxruntime"))
+    packed = densify(bundle.packed) if variant == "dense" else bundle.packed
+    dev: Any = "cpu"
+    if backend in TORCH_BACKENDS:
+        run, dev = _torch_runner(packed, device, backend, dtype, max_batch)
     elif backend == "fused":
-        from g2gserve.runtime.fused import fused_runner  # imports numba (~60 MB): only for this backend
-        run = fused_runner(densify(packed) if variant == "dense" else packed)
+        run = _fused_runner(packed)
     else:
-        try:
-            run = _ort_runner(ort_session(onnx_source, threads))
-        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-            raise ExportError(f"{path}: onnxruntime cannot load the graph ({e})") from e
-    return InferenceModel(run, Preprocess.from_dict(manifest["preprocess"]), list(manifest["classes"]), manifest,
-                          backend, torch.device(device), variant, dtype)
+        run = _ort_runner(bundle, variant, threads)
+    m = bundle.manifest
+    return InferenceModel(run, Preprocess.from_dict(m.preprocess), list(m.classes), m.to_dict(), backend, dev, variant,
+                          dtype)
 
 
-__all__ = ["load", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "CPU_BACKENDS", "DTYPES"]
+__all__ = ["load", "open_bundle", "softmax", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "CPU_BACKENDS",
+           "DTYPES", "VARIANTS"]

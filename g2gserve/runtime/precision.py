@@ -6,6 +6,8 @@ weights and activations in 16 bits (fp32 accumulation on the GPU). Reduced preci
 the gate holds on *real* test images: top-1 agreement with fp32 >= 99.5%, and it reports the largest
 probability difference. ``python -m g2gserve.runtime.precision EXPORT --dtype tf32,bf16 --record`` runs the gate
 and records each result in the export's manifest (``manifest["precision"][dtype]``).
+
+Importing this module needs no torch (the loader reads ``DTYPES`` in a serving install without it).
 """
 from __future__ import annotations
 
@@ -14,14 +16,16 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
-TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORAGE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 MIN_TOP1_AGREEMENT = 0.995
 GATE_IMAGES = 10_000  # the whole Fashion-MNIST / CIFAR test set
 
@@ -32,8 +36,15 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+def torch_dtype(dtype: str) -> "torch.dtype":
+    """The torch dtype weights and activations are stored in at ``dtype``."""
+    import torch
+    return getattr(torch, STORAGE[check_dtype(dtype)])
+
+
 def allows_tf32() -> bool:
     """Whether fp32 matmuls may use TF32 now; ``matmul_precision`` sets it for torch and the Triton kernel alike."""
+    import torch
     return torch.backends.cuda.matmul.allow_tf32
 
 
@@ -45,6 +56,7 @@ def matmul_precision(dtype: str) -> Iterator[None]:
     The ``allow_tf32`` switch sets torch's legacy and new precision settings together; setting only the new
     ``fp32_precision`` leaves them disagreeing, and cuBLAS then refuses to run (torch 2.9+).
     """
+    import torch
     setting = torch.backends.cuda.matmul
     before = setting.allow_tf32
     setting.allow_tf32 = dtype == "tf32"
@@ -54,14 +66,14 @@ def matmul_precision(dtype: str) -> Iterator[None]:
         setting.allow_tf32 = before
 
 
-def cast_runner(module: nn.Module, dtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` (already on its device) in ``dtype``: float32 input in, float32 logits out."""
-    check_dtype(dtype)
-    module = module.to(TORCH_DTYPES[dtype])
-    compute = TORCH_DTYPES[dtype]
+def cast_runner(module: "nn.Module", dtype: str) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """``module`` (already on its device) converted to ``dtype`` in place: float32 input in, float32 logits out."""
+    import torch
+    compute = torch_dtype(dtype)
+    module = module.to(compute)
 
     @torch.inference_mode()
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: "torch.Tensor") -> "torch.Tensor":
         with matmul_precision(dtype):
             return module(x.to(compute)).float()
     return run
@@ -86,7 +98,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, dtype: str) -> dict:
     return {"images": len(reference), "top1_agreement": top1, "max_prob_diff": diff, "rule": rule, "passed": passed}
 
 
-def real_test_images(manifest: dict, data_dir: str | Path | None, limit: int = GATE_IMAGES) -> tuple[torch.Tensor, str]:
+def real_test_images(manifest: dict, data_dir: str | Path | None, limit: int = GATE_IMAGES) -> tuple[np.ndarray, str]:
     """The first ``limit`` real test images of the model's data set (never downloaded; the gate needs real ones)."""
     from g2gserve.data.datasets import DataError, load_split
 
@@ -97,11 +109,11 @@ def real_test_images(manifest: dict, data_dir: str | Path | None, limit: int = G
         test = load_split(dataset, "test", data_dir, download=False)
     except DataError as e:
         raise ValueError(f"the precision gate needs the real {dataset} test set: {e}") from e
-    x = test.x[:limit]
+    x = np.asarray(test.x[:limit])
     return x, f"{dataset} test set ({len(x)} images)"
 
 
-def probabilities(model, images: torch.Tensor, batch: int = 1024) -> np.ndarray:
+def probabilities(model, images: np.ndarray, batch: int = 1024) -> np.ndarray:
     return np.concatenate([np.asarray(model.predict(images[i:i + batch]), np.float32)
                            for i in range(0, len(images), batch)])
 

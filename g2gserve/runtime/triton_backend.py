@@ -3,6 +3,7 @@ kernel (``triton_kernel.block_sparse_linear``, bias and ReLU included). Encoder,
 stay as the torch backend runs them (cuBLAS / cuSPARSE)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,9 +19,10 @@ class TritonBlockLayer(nn.Module):
 
     def __init__(self, layer: PackedLayer):
         super().__init__()
-        self.register_buffer("blocks", layer.tensors["blocks"].clone())  # [O, K*b, b]
-        self.register_buffer("idx", layer.tensors["idx"].to(torch.int32).clone())  # [O, K]
-        self.register_buffer("bias", layer.tensors["bias"].clone())
+        t = layer.tensors  # numpy (formats.block): copied, the module owns its buffers
+        self.register_buffer("blocks", torch.from_numpy(np.array(t["blocks"], np.float32)))  # [O, K*b, b]
+        self.register_buffer("idx", torch.from_numpy(np.array(t["idx"], np.int32)))  # [O, K]
+        self.register_buffer("bias", torch.from_numpy(np.array(t["bias"], np.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.blocks, self.idx, self.bias, relu=True, allow_tf32=allows_tf32())
