@@ -136,9 +136,12 @@ def record(path: str | Path, result: dict) -> None:
     """Store a gate result in the export's manifest (atomically; other keys untouched)."""
     from g2gserve.fileio import atomic_write_text
 
+    from g2gserve.bundle import Manifest
+
     manifest_path = Path(path) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest.setdefault("precision", {})[result["dtype"]] = result
+    manifest["precision"] = (manifest.get("precision") or {}) | {result["dtype"]: result}
+    Manifest.from_dict(manifest)  # never write a manifest the bundle reader would refuse
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
 
