@@ -119,7 +119,7 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
         calls, times = {}, {}
         for backend, (sparse, dense) in pairs.items():
             x = model_input(sparse, n)
-            if backend in ("torch", "triton") and device is not None:
+            if backend in ("torch", "triton") and getattr(device, "type", None) == "cuda":
                 import torch
                 x = torch.as_tensor(x).to(device)  # the host-to-device copy is not part of the timing
             calls[backend] = {"sparse": partial(sparse.logits, x), "dense": partial(dense.logits, x)}
