@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
-                        "lowest latency at small batches) on the CPU; triton (CUDA: one fused block-sparse kernel per layer)")
+                        "lowest latency at small batches) on the CPU; triton (CUDA: one fused block-sparse kernel "
+                        "per layer)")
     p.add_argument("--variant", choices=("sparse", "dense"), default=d.variant,
                    help="dense: serve the dense twin of the same export (same function, dense weights), to compare "
                         "end to end")

@@ -95,7 +95,8 @@ def test_kernel_refuses_what_it_cannot_run():
     blocks, idx, bias = _layer(2, 2, 1, 16)
     x = torch.randn(3, 32)
     with pytest.raises(ValueError, match="block size 8"):
-        block_sparse_linear(torch.randn(3, 16), torch.zeros(2, 8, 8), torch.zeros(2, 1, dtype=torch.int32), torch.zeros(16))
+        block_sparse_linear(torch.randn(3, 16), torch.zeros(2, 8, 8), torch.zeros(2, 1, dtype=torch.int32),
+                            torch.zeros(16))
     with pytest.raises(ValueError, match="share one of"):
         block_sparse_linear(x.half(), blocks, idx, bias)
     with pytest.raises(ValueError, match="shapes do not fit"):
@@ -120,7 +121,8 @@ def _checkpoint(tmp_path, **kw):
 def test_triton_backend_matches_pytorch(tmp_path, variant):
     model, path = _checkpoint(tmp_path, granularity="block", block_size=16)
     packed = pack_model(model)
-    assert TritonModule(densify(packed) if variant == "dense" else packed).kernel_layers == (2 if variant == "sparse" else 0)
+    net = densify(packed) if variant == "dense" else packed
+    assert TritonModule(net).kernel_layers == (2 if variant == "sparse" else 0)
     m = load(path, backend="triton", device=DEVICE.type, variant=variant)
     for batch in (1, 7, 64):
         x = torch.rand(batch, 1, 28, 28)
@@ -193,7 +195,8 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
         assert r["speedup"] == pytest.approx(r["p50_ms"]["dense"] / r["p50_ms"][r["best_sparse"]])
     assert len(profiles) == 2 * sum(not r["met"] for r in rows)  # best sparse and dense, for every missed target
     assert all(p.get("error") or p["kernels"] for p in profiles)
-    table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"},
+    machine = {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"}
+    table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": machine,
                           "command": "g2g-bench --device cuda", "triton": triton.__version__})
     assert table.count(" (>= 1.0x) |") == 4 and table.count("| tiny |") == 4 + len(profiles)
 
@@ -205,7 +208,8 @@ def test_export_cli_gates_and_records_precisions(tmp_path, idx_dir, capsys):
     out = tmp_path / "exp"
     assert export_main([str(path), "--out", str(out), "--data-dir", str(idx_dir), "--dtype", "tf32,fp16"]) == 0
     recorded = json.loads((out / "manifest.json").read_text())["precision"]
-    assert sorted(recorded) == ["fp16", "tf32"] and all(r["passed"] and r["backend"] == "torch" for r in recorded.values())
+    assert sorted(recorded) == ["fp16", "tf32"]
+    assert all(r["passed"] and r["backend"] == "torch" for r in recorded.values())
     assert "| fp16 | torch | cpu | fashion-mnist test set (64 images) |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         export_main([str(path), "--out", str(tmp_path / "x"), "--dtype", "int8"])

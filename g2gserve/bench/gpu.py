@@ -152,7 +152,8 @@ def markdown(result: dict) -> str:
                      f"{p['triton sparse']:.3f} | {p['dense']:.3f} | **{r['speedup']:.2f}x** "
                      f"({r['best_sparse'].split()[0]}) | {'met' if r['met'] else 'missed'} (>= {r['target']}x) |")
     if result.get("gpu_profiles"):
-        lines += ["", "Where the time goes where a target is missed (eager calls, torch.profiler, device time per call):",
+        lines += ["", "Where the time goes where a target is missed (eager calls, torch.profiler, device time per "
+                  "call):",
                   "", "| model | precision | batch | variant | top kernels (us per call) |", "|---|---|---|---|---|"]
         for p in result["gpu_profiles"]:
             what = p.get("error") or ", ".join(f"`{k['kernel']}` {k['us_per_call']:.1f}" for k in p["kernels"])

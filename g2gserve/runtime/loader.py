@@ -10,8 +10,8 @@ fused Triton kernel each (CUDA). ``variant="dense"`` loads the dense twin of the
 (``dense.onnx`` / dense tensors) for side-by-side comparisons. The torch and triton backends take a precision
 (``dtype``, see ``runtime.precision``) and, on CUDA with ``max_batch``, replay CUDA graphs per batch bucket.
 
-Only the torch and triton backends import torch: with onnxruntime or fused, loading an export directory, preprocessing
-and softmax are numpy, so a serving install needs no torch (``pip install 'g2gserve[serve]'``).
+Only the torch and triton backends import torch: with onnxruntime or fused, loading an export directory,
+preprocessing and softmax are numpy, so a serving install needs no torch (``pip install 'g2gserve[serve]'``).
 """
 from __future__ import annotations
 
@@ -172,5 +172,5 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
                           dtype)
 
 
-__all__ = ["load", "open_bundle", "softmax", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "CPU_BACKENDS",
-           "DTYPES", "VARIANTS"]
+__all__ = ["load", "open_bundle", "softmax", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS",
+           "CPU_BACKENDS", "DTYPES", "VARIANTS"]

@@ -88,7 +88,8 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, dtype: str) -> dict:
 
     reference, candidate = np.asarray(reference, np.float32), np.asarray(candidate, np.float32)
     if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) == 0:
-        raise ValueError(f"need two non-empty (N, classes) arrays of one shape, got {reference.shape} and {candidate.shape}")
+        raise ValueError(f"need two non-empty (N, classes) arrays of one shape, got {reference.shape} and "
+                         f"{candidate.shape}")
     top1 = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
     diff = float(np.abs(reference - candidate).max())
     finite = bool(np.isfinite(candidate).all())
@@ -161,7 +162,8 @@ def parse_dtypes(text: str) -> list[str]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| precision | backend | device | inputs | top-1 agreement with fp32 | max probability difference | rule | passed |",
+    lines = ["| precision | backend | device | inputs | top-1 agreement with fp32 | max probability difference "
+             "| rule | passed |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['backend']} | {r['device']} | {r['inputs']} | {r['top1_agreement']:.2%} | "
               f"{r['max_prob_diff']:.2e} | {r['rule']} | {'yes' if r['passed'] else '**no**'} |" for r in results]
