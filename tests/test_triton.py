@@ -214,3 +214,27 @@ def test_export_cli_gates_and_records_precisions(tmp_path, idx_dir, capsys):
     with pytest.raises(SystemExit):
         export_main([str(path), "--out", str(tmp_path / "x"), "--dtype", "int8"])
     assert "unknown dtype 'int8'" in capsys.readouterr().err
+
+
+def test_triton_backend_refuses_the_cpu_outside_the_interpreter(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = ("from g2gserve.runtime import load\ntry:\n    load(%r, backend='triton', device='cpu')\n"
+            "except ValueError as e:\n    print(e)" % str(path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "the triton backend runs on CUDA" in done.stdout, done.stderr[-2000:]
+
+
+def test_serve_settings_refuse_a_precision_the_backend_cannot_run():
+    from server.settings import ServeConfig
+
+    with pytest.raises(ValueError, match="needs --backend torch or triton"):
+        ServeConfig(model="m", backend="onnxruntime", dtype="bf16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ServeConfig(model="m", dtype="int8")
+    assert ServeConfig(model="m", backend="triton", dtype="bf16").dtype == "bf16"
