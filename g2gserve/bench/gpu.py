@@ -72,9 +72,15 @@ def profile(fn, x: torch.Tensor, calls: int = 5, top: int = 4) -> list[dict]:
             fn(x)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if x.is_cuda else "CPU")]
-    key = (lambda e: e.self_device_time_total) if x.is_cuda else (lambda e: e.self_cpu_time_total)
-    return [{"kernel": e.key[:60], "us_per_call": key(e) / calls} for e in sorted(events, key=key, reverse=True)[:top]]
+    events = prof.key_averages()
+    on_device = [e for e in events if e.self_device_time_total > 0]
+    if on_device:
+        ranked, key = on_device, (lambda e: e.self_device_time_total)
+    else:  # CPU, or a profiler that recorded no kernels: the ops' host time, marked as such
+        ranked, key = list(events), (lambda e: e.self_cpu_time_total)
+    prefix = "" if on_device else "host: "
+    return [{"kernel": prefix + e.key[:60], "us_per_call": key(e) / calls}
+            for e in sorted(ranked, key=key, reverse=True)[:top]]
 
 
 def bench_packed(name: str, packed: PackedNet, batches: list[int], dtypes: list[str], seconds: float,
