@@ -73,9 +73,10 @@ def profile(fn, x: torch.Tensor, calls: int = 5, top: int = 4) -> list[dict]:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
     events = prof.key_averages()
-    on_device = [e for e in events if e.self_device_time_total > 0]
+    device_us = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731  (torch >= 2.4)
+    on_device = [e for e in events if device_us(e) > 0]
     if on_device:
-        ranked, key = on_device, (lambda e: e.self_device_time_total)
+        ranked, key = on_device, device_us
     else:  # CPU, or a profiler that recorded no kernels: the ops' host time, marked as such
         ranked, key = list(events), (lambda e: e.self_cpu_time_total)
     prefix = "" if on_device else "host: "
