@@ -188,8 +188,8 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
     monkeypatch.setattr(gpu, "GraphRunner", lambda fn, shape, device, max_batch: fn)
     torch.manual_seed(0)
     packed = pack_model(build_model(tiny_config(granularity="block", block_size=16)).eval())
-    rows, profiles = gpu.bench_packed("tiny", packed, [1, 17], ["fp32", "bf16"], 0.01, DEVICE)
-    assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 17), ("bf16", 1), ("bf16", 17)]
+    rows, profiles = gpu.bench_packed("tiny", packed, [1, 17], ["bf16"], 0.01, DEVICE)
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("bf16", 1), ("bf16", 17)]
     assert [gpu.target(n) for n in (1, 255, 256, 4095, 4096, 65536)] == [1.0, 1.0, 1.5, 1.5, 2.5, 2.5]
     for r in rows:
         assert r["speedup"] == pytest.approx(r["p50_ms"]["dense"] / r["p50_ms"][r["best_sparse"]])
@@ -198,7 +198,7 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
     machine = {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"}
     table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": machine,
                           "command": "g2g-bench --device cuda", "triton": triton.__version__})
-    assert table.count(" (>= 1.0x) |") == 4 and table.count("| tiny |") == 4 + len(profiles)
+    assert table.count(" (>= 1.0x) |") == 2 and table.count("| tiny |") == 2 + len(profiles)
 
 
 def test_export_cli_gates_and_records_precisions(tmp_path, idx_dir, capsys):
