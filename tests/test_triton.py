@@ -238,3 +238,24 @@ def test_serve_settings_refuse_a_precision_the_backend_cannot_run():
     with pytest.raises(ValueError, match="unknown dtype"):
         ServeConfig(model="m", dtype="int8")
     assert ServeConfig(model="m", backend="triton", dtype="bf16").dtype == "bf16"
+
+
+def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():
+    """Ahead-of-time compilation for sm_90 (H100/H200) with Triton's bundled ptxas: no GPU needed. Runs in a
+    fresh process, since this module put the kernel in the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "g2gserve.runtime.triton_kernel", "90"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if done.returncode != 0 and ("ptxas" in done.stderr or "ImportError" in done.stderr):
+        pytest.skip(f"this Triton cannot compile ahead of time here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert {(r["dtype"], r["block_n"]) for r in rows} == {(d, n) for d in ("fp32", "tf32", "bf16", "fp16")
+                                                           for n in (16, 128)}
+    assert all(r["tensor_cores"] == (r["dtype"] != "fp32") and not r["spills"] for r in rows), rows
+    assert all(r["wgmma"] for r in rows if r["dtype"] != "fp32" and r["block_n"] == 128), rows  # Hopper's MMA

@@ -120,3 +120,46 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
                                UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
                                num_warps=warps, num_stages=stages)
     return out
+
+
+SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False):
+    """Compile the kernel ahead of time for an NVIDIA GPU of compute ``capability`` (90: H100/H200), no GPU
+    needed (Triton ships ptxas): catches what only the GPU compiler refuses, and shows the instructions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("ahead-of-time compilation needs the compiled kernel: unset TRITON_INTERPRET")
+    t = SIGNATURE_DTYPES[dtype]
+    signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "idx_ptr": "*i32", "bias_ptr": f"*{t}", "y_ptr": f"*{t}",
+                 "n_rows": "i32", "n_tiles": "i32", "stride_x": "i32", "stride_y": "i32"}
+    constants = {"K": k, "B": b, "BLOCK_N": block_n, "GROUP": GROUP, "RELU": True,
+                 "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False}
+    signature |= {name: "constexpr" for name in constants}
+    _, warps, stages = launch_config(block_n, 1, b)
+    source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
+    """For every precision and the smallest and largest rows per program: does the kernel compile, does it use
+    the tensor cores (mma / wgmma), does it spill registers to local memory, how much shared memory."""
+    rows = []
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+        for block_n in (MIN_TILE, 128):
+            ptx = (compiled := compile_for(capability, dtype, k, b, block_n, tf32)).asm["ptx"]
+            rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
+                         "tensor_cores": "mma" in ptx, "wgmma": "wgmma" in ptx, "spills": "ld.local" in ptx,
+                         "shared_bytes": compiled.metadata.shared})
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(compile_report(int(sys.argv[1]) if len(sys.argv) > 1 else 90), indent=1))
