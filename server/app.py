@@ -266,7 +266,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             "image": {"type": "string", "description": "base64"},
             "images": {"type": "array", "items": {"type": "string"}}}}}}}})
     async def classify(request: Request, top_k: int = Query(3, ge=1, le=1000, description="labels per image")):
-        """Classify one or more images (PNG, JPEG, WebP, BMP; any size and mode): raw bytes, multipart
+        """Classify one or more images (PNG, JPEG, WebP, BMP, TIFF; any size and mode): raw bytes, multipart
         ``file`` fields, or JSON base64. Images are converted to the model's channels and size as in training."""
         start = time.perf_counter()
         if not service.ready:
