@@ -25,7 +25,9 @@ from g2gserve.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from g2gserve.runtime import load
 
 from .batching import MicroBatcher, QueueFull
+from .errors import error_responses, install_error_handling
 from .limits import BodyLimitMiddleware
+from .parsing import JSONRejected, parse_json
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -193,10 +195,10 @@ async def _image_payloads(request: Request, max_images: int) -> list[bytes]:
             raise HTTPException(422, "multipart upload needs one or more 'file' fields")
         payloads = [await f.read() for f in files]
     elif ctype == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(422, f"malformed JSON ({e})")
+        try:  # bounded depth, number length and value count before the parser runs
+            body = parse_json(await request.body())
+        except JSONRejected as e:
+            raise HTTPException(e.status, str(e))
         if not isinstance(body, dict) or not ({"image", "images"} & set(body)):
             raise HTTPException(422, 'JSON body must be {"image": "<base64>"} or {"images": ["<base64>", ...]}')
         items = body.get("images", [body.get("image")])
@@ -246,6 +248,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                   description="Image classification with a sparse G2GNet, and what its sparsity saves on this machine.")
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    install_error_handling(app)  # before count_requests, so that it counts the 500s it answers
 
     known_paths: set[str] = set()  # filled once the routes exist (below); unknown paths are counted as "other"
 
@@ -258,7 +261,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             service.metrics.errors.labels(path, str(response.status_code)).inc()
         return response
 
-    @app.post("/classify", response_model=ClassifyResponse, openapi_extra={"requestBody": {"content": {
+    @app.post("/classify", response_model=ClassifyResponse,
+              responses=error_responses(400, 408, 413, 415, 422, 431, 500, 503), openapi_extra={"requestBody": {"content": {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
