@@ -25,7 +25,9 @@ from g2gserve.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from g2gserve.runtime import load
 
 from .batching import MicroBatcher, QueueFull
-from .errors import error_responses, install_error_handling
+from .auth import add_admin_routes, api_key_dependencies
+from .errors import error_responses
+from .hardening import harden
 from .limits import BodyLimitMiddleware
 from .parsing import JSONRejected, parse_json
 
@@ -47,6 +49,17 @@ class ServeConfig:
     calibrate: bool = True  # time sparse vs dense at start-up (in the background)
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
+    admin_token: str | None = None  # POST /stats/calibrate exists only with a token (server/auth.py)
+    api_key: str | None = None  # required in X-API-Key for /classify when set
+    cors_origins: tuple[str, ...] = ()
+    body_timeout_s: float = 30.0  # the whole request body within (408)
+    request_timeout_s: float = 60.0  # the whole answer within (503)
+
+    SECRETS = ("admin_token", "api_key")
+
+    def public(self) -> dict:
+        """The config as /stats shows it: secrets only as whether they are set."""
+        return {k: (v is not None if k in self.SECRETS else v) for k, v in asdict(self).items()}
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
@@ -244,11 +257,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if calibration is not None:
             await calibration
 
-    app = FastAPI(title="g2gserve", version="1", lifespan=lifespan,
+    app = FastAPI(title="g2gserve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with a sparse G2GNet, and what its sparsity saves on this machine.")
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
-    install_error_handling(app)  # before count_requests, so that it counts the 500s it answers
+    harden(app, cfg)  # before count_requests, so that it counts the errors the guards answer
 
     known_paths: set[str] = set()  # filled once the routes exist (below); unknown paths are counted as "other"
 
@@ -262,7 +275,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return response
 
     @app.post("/classify", response_model=ClassifyResponse,
-              responses=error_responses(400, 408, 413, 415, 422, 431, 500, 503), openapi_extra={"requestBody": {"content": {
+              responses=error_responses(400, *([401] if cfg.api_key else []), 408, 413, 415, 422, 431, 500, 503),
+              dependencies=api_key_dependencies(cfg.api_key), openapi_extra={"requestBody": {"content": {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -316,14 +330,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def stats():
         """What the sparse model saves on this machine (measured against its dense twin) and live latencies."""
         return {"model": service.model_card if service.model else None, "calibration": service.calibration,
-                "live": service.live_stats(), "config": asdict(cfg)}
+                "live": service.live_stats(), "config": cfg.public()}
 
-    @app.post("/stats/calibrate")
-    async def calibrate():
-        """Measure sparse vs dense again now (takes a few seconds)."""
-        if service.model is None:
-            raise HTTPException(503, "model is not loaded yet")
-        return await asyncio.to_thread(service.run_calibration)
+    add_admin_routes(app, cfg.admin_token, service.run_calibration, lambda: service.model is not None)
 
     @app.get("/metrics")
     async def metrics():

@@ -12,6 +12,7 @@ from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
 from g2gserve.export import ExportError, read_export
 from g2gserve.runtime import BACKENDS
 
+from . import hardening
 from .app import ServeConfig, create_app
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per worker")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
+    hardening.add_arguments(p)
     return p
 
 
@@ -56,15 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServeConfig(model=str(args.model), backend=args.backend, device=args.device, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_queue_images=args.max_queue,
                           max_body_bytes=int(args.max_body_mb * 2**20), threads=args.threads,
-                          calibrate=not args.no_calibrate)
+                          calibrate=not args.no_calibrate, **hardening.config_kwargs(args))
+        bounds = hardening.uvicorn_options(args)
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
-    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info")
+    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info", **bounds)
     if args.workers > 1:
         os.environ["G2G_SERVE_CONFIG"] = json.dumps(dataclasses.asdict(cfg))
         uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
+        hardening.exit_zero_on_sigterm()
         uvicorn.run(create_app(cfg), **common)
     return 0
 
