@@ -29,7 +29,7 @@ from .auth import add_admin_routes, api_key_dependencies
 from .errors import error_responses
 from .hardening import harden
 from .limits import BodyLimitMiddleware
-from .parsing import JSONRejected, parse_json
+from .parsing import JSONRejected, classify_request_body, parse_json
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -276,13 +276,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.post("/classify", response_model=ClassifyResponse,
               responses=error_responses(400, *([401] if cfg.api_key else []), 408, 413, 415, 422, 431, 500, 503),
-              dependencies=api_key_dependencies(cfg.api_key), openapi_extra={"requestBody": {"content": {
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "image": {"type": "string", "description": "base64"},
-            "images": {"type": "array", "items": {"type": "string"}}}}}}}})
+              dependencies=api_key_dependencies(cfg.api_key), openapi_extra={"requestBody": classify_request_body(cfg.max_images_per_request)})
     async def classify(request: Request, top_k: int = Query(3, ge=1, le=1000, description="labels per image")):
         """Classify one or more images (PNG, JPEG, WebP, BMP, TIFF; any size and mode): raw bytes, multipart
         ``file`` fields, or JSON base64. Images are converted to the model's channels and size as in training."""
@@ -334,7 +328,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     add_admin_routes(app, cfg.admin_token, service.run_calibration, lambda: service.model is not None)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics():
         """Prometheus text format."""
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -64,3 +64,22 @@ def parse_json(body: bytes, limits: JSONLimits = JSONLimits()) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise JSONRejected(f"malformed JSON ({e})") from e
+
+
+def classify_request_body(max_images: int) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of POST /classify: the three body kinds the server parses, with their bounds.
+
+    A schema-valid body can still be refused (base64 of bytes that are no image: 415; more pixels
+    than allowed: 413): the schema cannot say "a decodable image".
+    """
+    b64 = {"type": "string", "minLength": 4, "description": "base64 of an image file"}
+    return {"required": True, "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary",
+                                 "description": "raw image bytes (any supported format, whatever the content type)"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "array", "minItems": 1, "maxItems": max_images,
+                     "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
+                                        "properties": {"image": b64, "images": {"type": "array", "minItems": 1,
+                                                                                "maxItems": max_images, "items": b64}}}},
+    }}
