@@ -30,6 +30,9 @@ def harden(app: FastAPI, cfg: Any) -> None:
                            allow_headers=["Content-Type", "Authorization", API_KEY_HEADER])
     install_error_handling(app)
     add_offline_docs(app)
+    service = getattr(app.state, "service", None)
+    if service is not None:  # answers of the HTTP layer (server/protocol.py) in /metrics too
+        service.metrics.registry.register(protocol.RefusalCollector())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

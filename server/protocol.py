@@ -13,6 +13,7 @@ this class by name) get them too; ``configure`` sets it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 
@@ -22,6 +23,20 @@ from .errors import error_body, send_error
 
 ENV = "G2G_SERVE_PROTOCOL"
 DEFAULTS = {"header_timeout_s": 10.0, "max_header_bytes": 16 * 1024}
+REFUSED: collections.Counter[int] = collections.Counter()  # status -> requests answered here, not by the app
+
+
+class RefusalCollector:
+    """Prometheus collector for ``REFUSED``: these answers never reach the app's request counter."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        family = CounterMetricFamily("g2g_protocol_refusals", "requests answered by the HTTP layer before the app: "
+                                     "400 malformed, 408 slow headers, 431 headers too large, 503 connection limit",
+                                     labels=["status"])
+        for status, count in sorted(REFUSED.items()):
+            family.add_metric([str(status)], count)
+        yield family
 
 
 def configure(header_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
@@ -35,6 +50,7 @@ def _settings() -> dict:
 
 
 async def _busy(scope, receive, send) -> None:
+    REFUSED[503] += 1
     await send_error(send, 503, "too many concurrent connections; try again", {"Retry-After": "1",
                                                                                 "Connection": "close"})
 
@@ -69,6 +85,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, detail: str) -> None:
         self._disarm()
         self._refused = True
+        REFUSED[status] += 1
         if self.transport.is_closing():
             return
         body = error_body(status, detail)

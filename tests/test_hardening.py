@@ -233,3 +233,4 @@ def test_item7_a_huge_header_in_pieces_gets_431(guarded):
     status, body = _status_and_json(data)
     assert status == 431 and "16,384" in body["detail"]
     assert Connection(port).request("GET", "/healthz")[0] == 200  # the server is fine
+    assert 'g2g_protocol_refusals_total{status="431"}' in httpx.get(f"http://127.0.0.1:{port}/metrics").text
