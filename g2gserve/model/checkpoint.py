@@ -90,9 +90,9 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False and is cut off here: say why not
         found = next((l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l), "")
-        raise CheckpointError(f"{path}: refused: it holds Python objects beyond tensors and plain data "
-                              f"({found.split('. ')[0] or 'an object the safe loader does not allow'}); loading "
-                              f"those would run code from the file, so g2gserve never does") from e
+        raise CheckpointError(f"{path}: not a readable g2gserve {what}: it holds Python objects beyond tensors and "
+                              f"plain data ({found.split('. ')[0] or 'an object the safe loader does not allow'}); "
+                              f"loading those would run code from the file, so g2gserve never does") from e
     except Exception as e:  # zipfile/EOF/RuntimeError: all mean "not a checkpoint we can trust"
         raise CheckpointError(f"{path}: not a readable g2gserve {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     if not isinstance(obj, dict):
