@@ -23,6 +23,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -176,11 +177,13 @@ class Server:
         self.args = ["--threads", "1", "--no-calibrate", "--header-timeout", f"{HEADER_TIMEOUT_S:g}",
                      "--body-timeout", f"{BODY_TIMEOUT_S:g}", "--max-body-mb", f"{MAX_BODY_MB:g}", *extra]
         token = ["--admin-token", admin_token] if admin_token else []
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server
         self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", model, "--port", str(self.port),
-                                      *self.args, *token], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      *self.args, *token], stdout=subprocess.DEVNULL, stderr=self.log)
         for _ in range(600):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"g2g-serve exited: {self.proc.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"g2g-serve exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 c.request("GET", "/readyz")
@@ -205,6 +208,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+        finally:
+            self.log.close()
 
 
 # ------------------------------------------------------------------ 1. the suite
