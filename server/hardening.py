@@ -68,6 +68,12 @@ def uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     """``uvicorn.run`` keyword arguments: TLS, keep-alive, concurrency, and the guarded protocol."""
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    bounds = {"--header-timeout": args.header_timeout, "--max-header-kb": args.max_header_kb,
+              "--body-timeout": args.body_timeout, "--request-timeout": args.request_timeout,
+              "--keep-alive-timeout": args.keep_alive_timeout, "--limit-concurrency": args.limit_concurrency}
+    for flag, value in bounds.items():
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
     options: dict[str, Any] = dict(timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
                                    http=protocol.configure(args.header_timeout, args.max_header_kb * 1024))
     if args.ssl_certfile:

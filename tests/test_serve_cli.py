@@ -62,10 +62,12 @@ def test_tls_api_key_cors_offline_docs_and_sigterm_exit_0(export_dir, tmp_path):
             proc.wait()
 
 
-def test_cli_refuses_half_a_tls_setup(export_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_refuses_half_a_tls_setup_and_unbounded_bounds(export_dir, tmp_path, capsys):  # noqa: F811
     from server.cli import main
     assert main([str(export_dir), "--ssl-certfile", str(tmp_path / "cert.pem")]) == 2
     assert "go together" in capsys.readouterr().err
+    assert main([str(export_dir), "--body-timeout", "0"]) == 2
+    assert "--body-timeout must be positive" in capsys.readouterr().err
 
 
 def test_pickled_objects_are_refused_with_the_whole_reason(tmp_path):
