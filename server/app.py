@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -230,8 +231,10 @@ async def _image_payloads(request: Request, max_images: int) -> list[bytes]:
     return payloads
 
 
-def _predictions(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:
-    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+def _predictions(probs, classes: list[str], top_k: int) -> list[dict]:
+    probs = np.asarray(probs)
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, probs.shape[1])]
+    values = np.take_along_axis(probs, indices, 1)
     out = []
     for vals, idx in zip(values.tolist(), indices.tolist()):
         top = [{"class_id": i, "label": classes[i], "probability": v} for v, i in zip(vals, idx)]

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -92,7 +93,7 @@ class MicroBatcher:
                 images = torch.cat([it.images for it in batch])
                 chunks = [await loop.run_in_executor(self._executor, self.predict, images[i:i + self.max_batch])
                           for i in range(0, len(images), self.max_batch)]
-                probs = torch.cat(chunks)
+                probs = np.concatenate([np.asarray(c) for c in chunks])  # predict returns numpy
             except Exception as e:  # noqa: BLE001 - handed to every waiting request
                 for it in batch:
                     if not it.future.done():

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from g2gserve.bench.measure import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
                                 peak_memory, pin_threads)
 from g2gserve.model.config import ModelConfig
-from g2gserve.export import read_export
+from g2gserve.bundle import read_bundle
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
                                   args.seconds, memory=not args.no_memory, run_length=args.run_length)
         if args.profile:
-            shape = tuple(read_export(args.model)[0].input_shape)
+            shape = tuple(read_bundle(args.model).packed.input_shape)
             result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}
                                  for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
         if args.sweep:

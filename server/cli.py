@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
-from g2gserve.export import ExportError, read_export
+from g2gserve.bundle import ExportError, read_bundle
 from g2gserve.runtime import BACKENDS
 
 from . import hardening
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:  # refuse a missing, tampered or foreign model before starting uvicorn
         if args.model.is_dir():
-            read_export(args.model)
+            read_bundle(args.model)
         else:
             load_checkpoint(args.model)
     except (ExportError, CheckpointError) as e:

@@ -144,7 +144,7 @@ def ort_node_profile(onnx_path: str, batch: int, input_shape: tuple[int, ...], t
                      skip: int = 50) -> dict:
     """Where onnxruntime spends a forward pass: median microseconds per node, summed per op type, next to the
     median of the whole run (the difference is per-node and per-run overhead). Uses onnxruntime's profiler."""
-    from g2gserve.export import ort_session  # onnx/onnxruntime: only when profiling
+    from g2gserve.runtime.ort import ort_session  # onnxruntime: only when profiling
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(onnx_path, threads, profile_prefix=os.path.join(tmp, "ort"))
         x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
