@@ -66,20 +66,20 @@ def parse_json(body: bytes, limits: JSONLimits = JSONLimits()) -> Any:
         raise JSONRejected(f"malformed JSON ({e})") from e
 
 
-def classify_request_body(max_images: int) -> dict[str, Any]:
-    """The OpenAPI ``requestBody`` of POST /classify: the three body kinds the server parses, with their bounds.
+def classify_request_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of POST /classify: the body kinds the server parses (plus ``extra`` ones).
 
-    A schema-valid body can still be refused (base64 of bytes that are no image: 415; more pixels
-    than allowed: 413): the schema cannot say "a decodable image".
+    A schema-valid body can still be refused (base64 of bytes that are no image: 415; more images
+    or pixels than allowed: 413): the schema cannot say "a decodable image", and the limits are settings.
     """
     b64 = {"type": "string", "minLength": 4, "description": "base64 of an image file"}
     return {"required": True, "content": {
         "image/png": {"schema": {"type": "string", "format": "binary",
                                  "description": "raw image bytes (any supported format, whatever the content type)"}},
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "array", "minItems": 1, "maxItems": max_images,
-                     "items": {"type": "string", "format": "binary"}}}}},
+            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
         "application/json": {"schema": {"type": "object", "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
                                         "properties": {"image": b64, "images": {"type": "array", "minItems": 1,
-                                                                                "maxItems": max_images, "items": b64}}}},
+                                                                                "items": b64}}}},
+        **(extra or {}),
     }}
