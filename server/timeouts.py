@@ -16,6 +16,14 @@ class _BodyTimeout(Exception):
     pass
 
 
+async def _within(awaitable, seconds: float):
+    """``await awaitable``, TimeoutError after ``seconds``; ``asyncio.timeout`` where it exists (no extra task)."""
+    if hasattr(asyncio, "timeout"):  # Python 3.11+
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class DeadlineMiddleware:
     """Pure ASGI: the whole body within ``body_timeout_s``; the whole answer within ``request_timeout_s``."""
 
@@ -35,7 +43,7 @@ class DeadlineMiddleware:
             if body_done:  # after the body only http.disconnect can come: wait as long as the app likes
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - loop.time()))
+                message = await _within(receive(), max(0.0, body_deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise _BodyTimeout() from None
             if message["type"] != "http.request" or not message.get("more_body", False):
@@ -49,7 +57,7 @@ class DeadlineMiddleware:
             await send(message)
 
         try:
-            await asyncio.wait_for(self.app(scope, timed_receive, tracking_send), self.request_timeout_s)
+            await _within(self.app(scope, timed_receive, tracking_send), self.request_timeout_s)
         except _BodyTimeout:
             if not started:
                 await send_error(send, 408, f"request body not received within {self.body_timeout_s:g} s",
