@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .admission import AdmissionGate
 from .auth import add_admin_routes, api_key_dependencies
 from .errors import error_responses
 from .hardening import harden
@@ -46,6 +47,7 @@ def _middleware(app: FastAPI, service: Service) -> None:
     """Every middleware and exception handler of the app (outermost last)."""
     known_paths = {r.path for routes in (app.routes, *(r.routes for r in ROUTERS)) for r in routes
                    if hasattr(r, "path")}  # other paths are counted as "other"
+    app.add_middleware(AdmissionGate, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.cfg.max_body_bytes)
     harden(app, service.cfg)  # JSON errors, deadlines, CORS, offline /docs: inside the counter, which counts them
     app.add_middleware(RequestCounter, metrics=service.metrics, known_paths=known_paths)
