@@ -126,3 +126,13 @@ def test_the_server_classifies_without_torch_like_the_torch_backend(export_and_i
     assert out["imported"] == []
     for backend in ("onnxruntime", "fused"):
         assert np.allclose(out[backend], expected, atol=1e-5), backend
+
+
+def test_install_size_measures_each_distribution():
+    from g2gserve.bench.install_size import distribution_sizes, report
+    sizes = distribution_sizes(sys.executable)
+    assert sizes["numpy"] > 2**20 and all(v >= 0 for v in sizes.values())
+    venv = Path(sys.prefix)
+    if (venv / "bin" / "python").exists():
+        text = report([venv, venv], top=len(sizes))
+        assert f"| numpy | {sizes['numpy'] / 2**20:,.1f} |" in text and "1.000x" in text
