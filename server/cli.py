@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line costs about as much as a small request)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop (auto: uvloop when installed)")
+    p.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                   help="HTTP parser (auto: httptools when installed); h11 is pure Python")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
                   access_log=args.access_log,
-                  loop="auto", http="auto")  # auto: uvloop and httptools (uvicorn[standard]) when installed
+                  loop=args.loop, http=args.http)  # auto: uvloop and httptools (uvicorn[standard]) when installed
     if args.workers == 1:
         uvicorn.run(create_app(cfg), **common)
         return 0
