@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test test-slim serve-bench gpu-check clean
+.PHONY: install demo test test-slim install-size serve-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ $(SLIM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SLIM_VENV)
 	$(SLIM_VENV)/bin/python -m pip install -q '.[serve]' pytest
 	touch $@
+
+# Disk size of the [serve]-only install against the full one (issue 18: at most 1/10), as a generated page.
+install-size: install $(SLIM_VENV)/.installed
+	$(PY) -m g2gserve.bench.install_size $(SLIM_VENV) $(VENV) --out docs/install-size.md
 
 test-slim: install $(SLIM_VENV)/.installed
 	$(PY) tests/tiny_export.py runs/slim

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from g2gserve.runtime import BACKENDS
 
+from . import hardening
 from .app import create_app
 from .metrics import MULTIPROC_ENV
 from .settings import CONFIG_ENV, ServeConfig
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log every request (off by default: a log line costs about as much as a small request)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop (auto: uvloop when installed)")
-    p.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
-                   help="HTTP parser (auto: httptools when installed); h11 is pure Python")
+    p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
+                   help="HTTP parser: httptools (with header bounds) or h11 (pure Python, no header bounds; for "
+                        "comparisons only)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    hardening.add_arguments(p)
     return p
 
 
@@ -94,14 +97,19 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
                           max_images_per_request=args.max_images, threads=args.threads,
-                          decode_threads=args.decode_threads, calibrate=not args.no_calibrate)
+                          decode_threads=args.decode_threads, calibrate=not args.no_calibrate,
+                          **hardening.config_kwargs(args))
+        bounds = hardening.uvicorn_options(args)  # TLS, keep-alive, connection limit, header bounds (http=)
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
     common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
-                  access_log=args.access_log,
-                  loop=args.loop, http=args.http)  # auto: uvloop and httptools (uvicorn[standard]) when installed
+                  access_log=args.access_log, loop=args.loop,  # auto: uvloop when installed
+                  **bounds)  # http=: uvicorn's httptools protocol with header bounds (server/protocol.py)
+    if args.http == "h11":  # the pure-Python parser, for comparisons (servebench): without the header bounds
+        common["http"] = "h11"
     if args.workers == 1:
+        hardening.exit_zero_on_sigterm()
         uvicorn.run(create_app(cfg), **common)
         return 0
     # Several workers: metrics summed through files (prometheus multiprocess mode), one calibration for all.

@@ -29,6 +29,17 @@ class ServeConfig:
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
     shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
+    admin_token: str | None = None  # POST /stats/calibrate exists only with a token (server/auth.py)
+    api_key: str | None = None  # required in X-API-Key for /classify when set
+    cors_origins: tuple[str, ...] = ()
+    body_timeout_s: float = 30.0  # the whole request body within (408; server/timeouts.py)
+    request_timeout_s: float = 60.0  # the whole answer within (503)
+
+    SECRETS = ("admin_token", "api_key")
+
+    def public(self) -> dict:
+        """The settings as /stats shows them: secrets only as whether they are set."""
+        return {k: (v is not None if k in self.SECRETS else v) for k, v in asdict(self).items()}
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
