@@ -70,6 +70,7 @@ class Service:
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
         self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
+        self.warmup: list[tuple[int, float]] = []  # (images, seconds) of the warm-up passes: the cost model's seed
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
 
@@ -89,7 +90,7 @@ class Service:
             torch.set_num_threads(self.cfg.threads)
         self.model = self._load(self.cfg.variant)
         warm = np.zeros((self.cfg.max_batch, *self.model.input_shape), dtype=np.uint8)
-        self.warmup = []
+        self.warmup.clear()
         for n in (1, self.cfg.max_batch, 1, self.cfg.max_batch):  # the second round is timed: the cost model's seed
             t = time.perf_counter()
             self.predict(warm[:n])
