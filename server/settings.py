@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from g2gserve.data.images import DEFAULT_MAX_PIXELS
+from g2gserve.runtime.precision import check_dtype
 
 CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
 
@@ -24,11 +25,23 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 64
     threads: int | None = None
+    dtype: str = "fp32"  # torch/triton backends: fp32, tf32, bf16, fp16 (g2gserve.runtime.precision)
     decode_threads: int | None = None  # None: one per core this process may run on
     calibrate: bool = True  # time sparse vs dense at start-up (in the background)
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
     shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
+    admin_token: str | None = None  # POST /stats/calibrate exists only with a token (server/auth.py)
+    api_key: str | None = None  # required in X-API-Key for /classify when set
+    cors_origins: tuple[str, ...] = ()
+    body_timeout_s: float = 30.0  # the whole request body within (408; server/timeouts.py)
+    request_timeout_s: float = 60.0  # the whole answer within (503)
+
+    SECRETS = ("admin_token", "api_key")
+
+    def public(self) -> dict:
+        """The settings as /stats shows them: secrets only as whether they are set."""
+        return {k: (v is not None if k in self.SECRETS else v) for k, v in asdict(self).items()}
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
@@ -39,6 +52,8 @@ class ServeConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError("decode_threads must be at least 1")
+        if check_dtype(self.dtype) != "fp32" and self.backend not in ("torch", "triton"):
+            raise ValueError(f"--dtype {self.dtype} needs --backend torch or triton ({self.backend} computes in fp32)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

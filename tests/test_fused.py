@@ -145,5 +145,7 @@ def test_runs_on_cpu_only(tmp_path):
     for backend in ("fused", "onnxruntime"):
         with pytest.raises(ValueError, match=f"the {backend} backend runs on the CPU"):
             load(tmp_path, backend=backend, device="cuda")
-    with pytest.raises(ValueError, match="needs the fused backend"):
-        load(tmp_path, backend="torch", precision="bf16")
+    with pytest.raises(ValueError, match="fused backend computes in fp32, bf16, int8"):
+        load(tmp_path, backend="fused", dtype="fp16")
+    with pytest.raises(ValueError, match="int8"):
+        load(tmp_path, backend="onnxruntime", dtype="int8")

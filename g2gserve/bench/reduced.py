@@ -38,7 +38,7 @@ def load_bench_model(path: Path, backend: str, variant: str, device: str, thread
     """``runtime.load`` for the runtime's backends, and the reduced-precision ones above."""
     if backend in ("fused-bf16", "fused-int8"):
         return load(path, backend="fused", device=device, variant=variant, threads=threads,
-                    precision=REDUCED[backend])
+                    dtype=REDUCED[backend])
     if backend != "onnxruntime-int8":
         return load(path, backend=backend, device=device, variant=variant, threads=threads)
     if not Path(path).is_dir():
