@@ -149,3 +149,24 @@ def test_runs_on_cpu_only(tmp_path):
         load(tmp_path, backend="fused", dtype="fp16")
     with pytest.raises(ValueError, match="int8"):
         load(tmp_path, backend="onnxruntime", dtype="int8")
+
+
+def test_variants_load_from_numba_cache_side_by_side():
+    """A fresh process loading several variants from numba's disk cache gets each one's own code and constants
+    (variants once shared a name there, and the second one loaded failed: "'descr' is NULL")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.path.insert(0, 'tests')\n"
+            "import numpy as np\n"
+            "from test_fused import _model\n"
+            "from g2gserve.formats import pack_model\n"
+            "from g2gserve.runtime.fused import FusedNet, VARIANTS, supported\n"
+            "packed = pack_model(_model(granularity='block'), 'auto')\n"
+            "x = np.ones((3, 1, 28, 28), np.float32)\n"
+            "outs = [FusedNet(packed, isa=i, precision=p)(x) for i, p in VARIANTS if supported(i, p)]\n"
+            "assert all(np.allclose(o, outs[0], atol=0.1) for o in outs), outs\n")
+    root = Path(__file__).resolve().parent.parent
+    for _ in range(2):  # the first run may compile; the second loads every variant from the cache
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]

@@ -331,7 +331,6 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
     bf16, int8 = precision == "bf16", precision == "int8"
 
-    @functools.partial(_njit, parallel=parallel)
     def forward(x, p, weights, biases, tiles, meta, threads):
         """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU). Layer li is described by
         meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live input tiles
@@ -395,7 +394,12 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
                     b0 += rows
             h = out.reshape(n, grid * grid * width_out) if li == 0 else out  # encoder: one image per row
         return h
-    return forward
+
+    # A name of its own per variant: numba names a cached function's machine code and its environment after
+    # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
+    forward.__name__ = f"forward_{isa_name}_{precision}_{'parallel' if parallel else 'serial'}"
+    forward.__qualname__ = f"_compiled.<locals>.{forward.__name__}"
+    return _njit(parallel=parallel)(forward)
 
 
 def _per_output(values: np.ndarray, t_out: int) -> np.ndarray:
