@@ -1,0 +1,203 @@
+"""A model repository: several models by name, one served version each, swapped without downtime.
+
+``DIR/<name>/<version>/`` are export directories (``g2g-export``), versions are positive integers and the
+highest one is served (Triton's default "latest" policy). A single export directory is a repository of
+one model, version 1. Loading a model that already serves another version is a *swap*: the new version
+is loaded and warmed up (both batch sizes the batcher uses) while the old one keeps answering, then new
+requests go to the new one, and the old one is drained (requests already holding it finish) and dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Protocol
+
+import numpy as np
+from contextlib import asynccontextmanager
+
+from g2gserve.export import ExportError, read_export
+from g2gserve.runtime import InferenceModel, load
+
+from .protocol import OIPError
+
+
+class Batcher(Protocol):
+    """What the repository needs of server.batching.MicroBatcher."""
+
+    def start(self) -> None: ...
+    async def submit(self, images): ...
+    async def drain(self, timeout: float = 30.0) -> None: ...
+
+
+@dataclass
+class Served:
+    """One loaded version: its model, its batcher, and the requests currently holding it."""
+
+    name: str
+    version: str
+    path: Path
+    model: InferenceModel
+    batcher: Batcher
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class LoadSettings:
+    backend: str = "torch"
+    device: str = "cpu"
+    threads: int | None = None
+    warm_batches: tuple[int, ...] = (1,)
+
+
+def discover(root: Path) -> dict[str, dict[str, Path]]:
+    """``{name: {version: path}}`` for ``root/<name>/<version>/manifest.json``; other entries are ignored."""
+    found: dict[str, dict[str, Path]] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = {v.name: v for v in model_dir.iterdir()
+                    if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / "manifest.json").is_file()}
+        if versions:
+            found[model_dir.name] = versions
+    return found
+
+
+def latest(versions: dict[str, Path]) -> str:
+    return max(versions, key=int)
+
+
+class ModelRepository:
+    """Models by name: discovery, load (or swap), unload, and a per-request hold on the served version."""
+
+    def __init__(self, settings: LoadSettings, make_batcher: Callable[[InferenceModel], Batcher],
+                 root: Path | None = None, single: Path | None = None):
+        if (root is None) == (single is None):
+            raise ValueError("give a repository directory or a single export directory")
+        self.settings, self.make_batcher = settings, make_batcher
+        self.root, self.single = root, single
+        self.served: dict[str, Served] = {}
+        self.state: dict[str, tuple[str, str]] = {}  # name -> (state, reason) of the last load/unload
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._single_name: str | None = None
+
+    # -------------------------------------------------------------- what is on disk
+    def available(self) -> dict[str, dict[str, Path]]:
+        if self.single is not None:
+            if self._single_name is None:  # read_export checks every file's sha256: once
+                self._single_name = read_export(self.single)[1].get("name") or self.single.name
+            return {self._single_name: {"1": self.single}}
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such model repository")
+        return discover(self.root)
+
+    def index(self) -> list[dict]:
+        """``/v2/repository/index``: every version on disk with its state (READY, UNAVAILABLE, LOADING...)."""
+        rows = []
+        available = self.available()
+        for name in sorted(set(available) | set(self.served) | set(self.state)):
+            served = self.served.get(name)
+            for version in sorted(available.get(name, {}), key=int):
+                if served is not None and served.version == version:
+                    rows.append({"name": name, "version": version, "state": "READY", "reason": ""})
+                else:
+                    state, reason = self.state.get(name, ("UNAVAILABLE", "not loaded"))
+                    if state == "READY":  # another version of this model is the one served
+                        state, reason = "UNAVAILABLE", f"version {served.version} is served" if served else reason
+                    rows.append({"name": name, "version": version, "state": state, "reason": reason})
+            if name not in available and served is not None:
+                rows.append({"name": name, "version": served.version, "state": "READY",
+                             "reason": "removed from the repository; unload to drop it"})
+        return rows
+
+    # -------------------------------------------------------------- serving
+    def get(self, name: str, version: str | None = None) -> Served:
+        served = self.served.get(name)
+        if served is None:
+            raise OIPError(404, f"model {name!r} is not loaded" if name in self.state or self._on_disk(name)
+                           else f"unknown model {name!r}")
+        if version not in (None, "", served.version):
+            raise OIPError(404, f"version {version!r} of model {name!r} is not loaded (version {served.version} is)")
+        return served
+
+    def _on_disk(self, name: str) -> bool:
+        try:
+            return name in self.available()
+        except (FileNotFoundError, ExportError):
+            return False
+
+    @asynccontextmanager
+    async def hold(self, name: str, version: str | None = None) -> AsyncIterator[Served]:
+        """Use the served version for one request; a swap drains it only after every holder is done."""
+        served = self.get(name, version)
+        served.inflight += 1
+        served.idle.clear()
+        try:
+            yield served
+        finally:
+            served.inflight -= 1
+            if served.inflight == 0:
+                served.idle.set()
+
+    # -------------------------------------------------------------- load / swap / unload
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _load_and_warm(self, path: Path) -> InferenceModel:
+        s = self.settings
+        model = load(path, backend=s.backend, device=s.device, threads=s.threads)
+        for n in s.warm_batches:  # first calls allocate and (fused) compile: not on a request's time
+            model.predict(np.zeros((n, *model.input_shape), dtype=np.uint8))
+        return model
+
+    async def load(self, name: str) -> Served:
+        """Serve the latest version of ``name``: load and warm it, switch, then drain the old version."""
+        async with self._lock(name):
+            versions = self.available().get(name)
+            if not versions:
+                raise OIPError(404, f"no model {name!r} in the repository")
+            version = latest(versions)
+            current = self.served.get(name)
+            if current is not None and current.version == version:
+                return current
+            self.state[name] = ("LOADING", f"loading version {version}")
+            try:
+                model = await asyncio.to_thread(self._load_and_warm, versions[version])
+            except (ExportError, OSError, ValueError) as e:
+                self.state[name] = ("UNAVAILABLE", f"version {version} failed to load: {e}")
+                raise OIPError(400, f"model {name!r} version {version} cannot be loaded: {e}")
+            batcher = self.make_batcher(model)
+            batcher.start()
+            new = Served(name, version, versions[version], model, batcher)
+            new.idle.set()
+            self.served[name] = new  # from here on, new requests hold the new version
+            self.state[name] = ("READY", "")
+            if current is not None:
+                await self._retire(current)
+            return new
+
+    async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            current = self.served.pop(name, None)
+            if current is None:
+                raise OIPError(400, f"model {name!r} is not loaded")
+            self.state[name] = ("UNLOADING", f"draining version {current.version}")
+            await self._retire(current)
+            self.state[name] = ("UNAVAILABLE", "unloaded")
+
+    async def _retire(self, old: Served, timeout: float = 60.0) -> None:
+        """Wait for the requests holding ``old``, stop its batcher and let its memory go."""
+        try:
+            await asyncio.wait_for(old.idle.wait(), timeout)
+        finally:
+            await old.batcher.drain()
+            old.model = old.batcher = None  # type: ignore[assignment]
+            await asyncio.to_thread(gc.collect)
+
+    async def load_all(self) -> None:
+        for name in self.available():
+            await self.load(name)
+
+    async def close(self) -> None:
+        for name in list(self.served):
+            await self.unload(name)
