@@ -259,3 +259,44 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------ the page, in a real browser
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _browser(tmp_path, width=900, height=900):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={width},{height}",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver (Debian: chromium, "
+                                                             "chromium-driver)")
+def test_page_classifies_an_uploaded_image_in_chromium(server_url, repo, images, tmp_path):
+    pytest.importorskip("selenium", reason="selenium is a test dependency")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    png = tmp_path / "garment.png"
+    png.write_bytes(encode_png(torch.from_numpy(images[2])))
+    expected = CLASSES[int(np.asarray(load(repo / "repo" / "fmnist" / "1").predict(images[2:3])).argmax())]
+    driver = _browser(tmp_path)
+    try:
+        driver.get(server_url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        driver.find_element(By.ID, "file").send_keys(str(png))
+        wait.until(lambda d: d.find_element(By.ID, "top1").text)
+        assert driver.find_element(By.ID, "top1").text == expected
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .row")) == 5
+        assert "ms in the server" in driver.find_element(By.ID, "latency").text
+        assert driver.find_element(By.ID, "error").text == ""
+    finally:
+        driver.quit()
