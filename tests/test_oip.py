@@ -25,6 +25,7 @@ from g2gserve.export import export_checkpoint  # noqa: E402
 from g2gserve.model.checkpoint import from_model, save_checkpoint  # noqa: E402
 from g2gserve.model.g2gnet import build_model  # noqa: E402
 from g2gserve.runtime import load  # noqa: E402
+from server.oip.browser import chromium_paths, classify_on_page, headless_chromium  # noqa: E402
 from server.oip.protocol import OIPError, parse_infer_request  # noqa: E402
 
 from conftest import _images, tiny_config  # noqa: E402
@@ -262,19 +263,7 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
 
 
 # ------------------------------------------------------------------ the page, in a real browser
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _browser(tmp_path, width=900, height=900):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={width},{height}",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
+CHROMIUM, CHROMEDRIVER = chromium_paths()
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver (Debian: chromium, "
@@ -282,19 +271,13 @@ def _browser(tmp_path, width=900, height=900):
 def test_page_classifies_an_uploaded_image_in_chromium(server_url, repo, images, tmp_path):
     pytest.importorskip("selenium", reason="selenium is a test dependency")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     png = tmp_path / "garment.png"
     png.write_bytes(encode_png(torch.from_numpy(images[2])))
     expected = CLASSES[int(np.asarray(load(repo / "repo" / "fmnist" / "1").predict(images[2:3])).argmax())]
-    driver = _browser(tmp_path)
+    driver = headless_chromium(tmp_path / "profile")
     try:
-        driver.get(server_url + "/")
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-        driver.find_element(By.ID, "file").send_keys(str(png))
-        wait.until(lambda d: d.find_element(By.ID, "top1").text)
-        assert driver.find_element(By.ID, "top1").text == expected
+        assert classify_on_page(driver, server_url, png) == expected
         assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .row")) == 5
         assert "ms in the server" in driver.find_element(By.ID, "latency").text
         assert driver.find_element(By.ID, "error").text == ""
