@@ -254,6 +254,15 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
         got = httpx.post(f"{url}/v2/models/fmnist/infer", json=body).json()["outputs"][0]["data"]
         np.testing.assert_allclose(np.array(got).reshape(1, -1), expected, atol=1e-6)
 
+        (root / "fmnist" / "3").mkdir()  # a broken version: refused with the reason, version 2 keeps serving
+        (root / "fmnist" / "3" / "manifest.json").write_text("{}")
+        r = httpx.post(f"{url}/v2/repository/models/fmnist/load", headers=admin)
+        assert r.status_code == 400 and "version 3 cannot be loaded" in r.json()["error"]
+        assert httpx.get(f"{url}/v2/models/fmnist/versions/2/ready").status_code == 200
+        assert [(r["version"], r["state"]) for r in httpx.post(f"{url}/v2/repository/index").json()] == [
+            ("1", "UNAVAILABLE"), ("2", "READY"), ("3", "UNAVAILABLE")]
+        shutil.rmtree(root / "fmnist" / "3")
+
         assert httpx.post(f"{url}/v2/repository/models/fmnist/unload", headers=admin).status_code == 200
         assert httpx.get(f"{url}/v2/models/fmnist/ready").status_code == 404
         assert httpx.post(f"{url}/v2/repository/index", json={"ready": True}).json() == []

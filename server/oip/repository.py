@@ -77,7 +77,7 @@ class ModelRepository:
         self.settings, self.make_batcher = settings, make_batcher
         self.root, self.single = root, single
         self.served: dict[str, Served] = {}
-        self.state: dict[str, tuple[str, str]] = {}  # name -> (state, reason) of the last load/unload
+        self.state: dict[tuple[str, str], tuple[str, str]] = {}  # (name, version) -> (state, reason) when not plain
         self._locks: dict[str, asyncio.Lock] = {}
         self._single_name: str | None = None
 
@@ -93,28 +93,26 @@ class ModelRepository:
 
     def index(self) -> list[dict]:
         """``/v2/repository/index``: every version on disk with its state (READY, UNAVAILABLE, LOADING...)."""
-        rows = []
         available = self.available()
-        for name in sorted(set(available) | set(self.served) | set(self.state)):
+        versions = {(n, v) for n, vs in available.items() for v in vs}
+        versions |= {(s.name, s.version) for s in self.served.values()} | set(self.state)
+        rows = []
+        for name, version in sorted(versions, key=lambda nv: (nv[0], int(nv[1]))):
             served = self.served.get(name)
-            for version in sorted(available.get(name, {}), key=int):
-                if served is not None and served.version == version:
-                    rows.append({"name": name, "version": version, "state": "READY", "reason": ""})
-                else:
-                    state, reason = self.state.get(name, ("UNAVAILABLE", "not loaded"))
-                    if state == "READY":  # another version of this model is the one served
-                        state, reason = "UNAVAILABLE", f"version {served.version} is served" if served else reason
-                    rows.append({"name": name, "version": version, "state": state, "reason": reason})
-            if name not in available and served is not None:
-                rows.append({"name": name, "version": served.version, "state": "READY",
-                             "reason": "removed from the repository; unload to drop it"})
+            if served is not None and served.version == version:
+                state, reason = "READY", "" if version in available.get(name, {}) else "removed from disk; still served"
+            elif (name, version) in self.state:
+                state, reason = self.state[name, version]
+            else:
+                state, reason = "UNAVAILABLE", f"version {served.version} is served" if served else "not loaded"
+            rows.append({"name": name, "version": version, "state": state, "reason": reason})
         return rows
 
     # -------------------------------------------------------------- serving
     def get(self, name: str, version: str | None = None) -> Served:
         served = self.served.get(name)
         if served is None:
-            raise OIPError(404, f"model {name!r} is not loaded" if name in self.state or self._on_disk(name)
+            raise OIPError(404, f"model {name!r} is not loaded" if self._on_disk(name)
                            else f"unknown model {name!r}")
         if version not in (None, "", served.version):
             raise OIPError(404, f"version {version!r} of model {name!r} is not loaded (version {served.version} is)")
@@ -160,20 +158,24 @@ class ModelRepository:
             current = self.served.get(name)
             if current is not None and current.version == version:
                 return current
-            self.state[name] = ("LOADING", f"loading version {version}")
+            self.state[name, version] = ("LOADING", "loading and warming up")
             try:
                 model = await asyncio.to_thread(self._load_and_warm, versions[version])
-            except (ExportError, OSError, ValueError) as e:
-                self.state[name] = ("UNAVAILABLE", f"version {version} failed to load: {e}")
-                raise OIPError(400, f"model {name!r} version {version} cannot be loaded: {e}")
+            except Exception as e:  # noqa: BLE001 - a bad export on disk is the caller's 400, never a 500
+                self.state[name, version] = ("UNAVAILABLE", f"failed to load: {e}")
+                raise OIPError(400, f"model {name!r} version {version} cannot be loaded: {e}") from e
             batcher = self.make_batcher(model)
             batcher.start()
             new = Served(name, version, versions[version], model, batcher)
             new.idle.set()
             self.served[name] = new  # from here on, new requests hold the new version
-            self.state[name] = ("READY", "")
+            del self.state[name, version]
             if current is not None:
-                await self._retire(current)
+                self.state[name, current.version] = ("UNLOADING", "draining in-flight requests")
+                try:
+                    await self._retire(current)
+                finally:
+                    del self.state[name, current.version]
             return new
 
     async def unload(self, name: str) -> None:
@@ -181,9 +183,11 @@ class ModelRepository:
             current = self.served.pop(name, None)
             if current is None:
                 raise OIPError(400, f"model {name!r} is not loaded")
-            self.state[name] = ("UNLOADING", f"draining version {current.version}")
-            await self._retire(current)
-            self.state[name] = ("UNAVAILABLE", "unloaded")
+            self.state[name, current.version] = ("UNLOADING", "draining in-flight requests")
+            try:
+                await self._retire(current)
+            finally:
+                self.state[name, current.version] = ("UNAVAILABLE", "unloaded")
 
     async def _retire(self, old: Served, timeout: float = 60.0) -> None:
         """Wait for the requests holding ``old``, stop its batcher and let its memory go."""
@@ -194,9 +198,15 @@ class ModelRepository:
             old.model = old.batcher = None  # type: ignore[assignment]
             await asyncio.to_thread(gc.collect)
 
-    async def load_all(self) -> None:
+    async def load_all(self) -> list[str]:
+        """Load every model at start-up; one that fails is left UNAVAILABLE with its reason (see the index)."""
+        failed = []
         for name in self.available():
-            await self.load(name)
+            try:
+                await self.load(name)
+            except OIPError as e:
+                failed.append(f"{name}: {e}")
+        return failed
 
     async def close(self) -> None:
         for name in list(self.served):
