@@ -137,6 +137,8 @@ def test_tritonclient_health_metadata_and_infer(server_url, repo, images):
         "images": ("UINT8", [-1, 1, 28, 28]), "image_bytes": ("BYTES", [-1])}
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
     assert client.get_server_metadata()["extensions"]
+    config = client.get_model_config("fmnist")
+    assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [1, 28, 28]
 
     expected = np.asarray(load(repo / "repo" / "fmnist" / "1").predict(images))
     pngs = np.array([encode_png(torch.from_numpy(im)) for im in images], dtype=np.object_)

@@ -71,6 +71,17 @@ def model_metadata(name: str, versions: list[str], platform: str, input_shape: t
             "parameters": {"classes": list(classes)}}
 
 
+def model_config(name: str, platform: str, input_shape: tuple[int, int, int], classes: list[str],
+                 max_batch: int) -> dict:
+    """Triton's model configuration (``/v2/models/{name}/config``), which perf_analyzer reads: dims without the
+    batch axis, ``max_batch_size`` as the server batches."""
+    return {"name": name, "platform": platform, "max_batch_size": max_batch,
+            "input": [{"name": PIXELS, "data_type": "TYPE_UINT8", "dims": list(input_shape), "optional": True},
+                      {"name": ENCODED, "data_type": "TYPE_STRING", "dims": [1], "optional": True}],
+            "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [len(classes)]}],
+            "dynamic_batching": {}}
+
+
 # ------------------------------------------------------------------ requests
 def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     """Split the body into its JSON header and the binary tail (empty without the extension)."""

@@ -22,7 +22,8 @@ import g2gserve
 from g2gserve.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 from ..batching import QueueFull
-from .protocol import EXTENSIONS, OIPError, encode_infer_response, model_metadata, parse_infer_request
+from .protocol import (EXTENSIONS, OIPError, encode_infer_response, model_config, model_metadata,
+                       parse_infer_request)
 from .repository import ModelRepository
 
 STATIC = Path(__file__).parent / "static"
@@ -31,6 +32,7 @@ STATIC = Path(__file__).parent / "static"
 @dataclass
 class V2Settings:
     max_images: int = 64
+    max_batch: int = 32  # reported as max_batch_size in the Triton model configuration
     max_pixels: int = DEFAULT_MAX_PIXELS
     admin_token: str | None = None  # load/unload need "Authorization: Bearer <token>"; refused without one
     on_request: Callable[[float, float], None] | None = None  # (latency_s, inference_s) of a served request
@@ -91,6 +93,20 @@ def build_router(repo: Callable[[], ModelRepository | None], settings: V2Setting
         served = r.get(name, version)
         m = served.model
         return model_metadata(served.name, [served.version], f"g2gserve_{m.backend}", m.input_shape, m.classes)
+
+    async def _config(name: str, version: str | None):
+        served = repository().get(name, version)
+        m = served.model
+        return model_config(served.name, f"g2gserve_{m.backend}", m.input_shape, m.classes, settings.max_batch)
+
+    @router.get("/v2/models/{name}/config")
+    async def config(name: str):
+        """Triton's model configuration (for perf_analyzer and other Triton tools)."""
+        return await guarded(_config, name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}/config")
+    async def version_config(name: str, version: str):
+        return await guarded(_config, name, version)
 
     @router.get("/v2/models/{name}/ready")
     async def model_ready(name: str):
