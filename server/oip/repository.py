@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Protocol
 
-import numpy as np
 from contextlib import asynccontextmanager
 
 from g2gserve.export import ExportError, read_export
-from g2gserve.runtime import InferenceModel, load
+from g2gserve.runtime import InferenceModel
 
 from .protocol import OIPError
 
@@ -44,14 +43,6 @@ class Served:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
-class LoadSettings:
-    backend: str = "torch"
-    device: str = "cpu"
-    threads: int | None = None
-    warm_batches: tuple[int, ...] = (1,)
-
-
 def discover(root: Path) -> dict[str, dict[str, Path]]:
     """``{name: {version: path}}`` for ``root/<name>/<version>/manifest.json``; other entries are ignored."""
     found: dict[str, dict[str, Path]] = {}
@@ -70,11 +61,13 @@ def latest(versions: dict[str, Path]) -> str:
 class ModelRepository:
     """Models by name: discovery, load (or swap), unload, and a per-request hold on the served version."""
 
-    def __init__(self, settings: LoadSettings, make_batcher: Callable[[InferenceModel], Batcher],
-                 root: Path | None = None, single: Path | None = None):
+    def __init__(self, prepare: Callable[[Path], tuple[InferenceModel, Batcher]], root: Path | None = None,
+                 single: Path | None = None):
+        """``prepare(export_dir)`` loads and warms a model and makes its (not yet started) batcher; it runs in a
+        worker thread while the served version keeps answering."""
         if (root is None) == (single is None):
             raise ValueError("give a repository directory or a single export directory")
-        self.settings, self.make_batcher = settings, make_batcher
+        self.prepare = prepare
         self.root, self.single = root, single
         self.served: dict[str, Served] = {}
         self.state: dict[tuple[str, str], tuple[str, str]] = {}  # (name, version) -> (state, reason) when not plain
@@ -141,13 +134,6 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _load_and_warm(self, path: Path) -> InferenceModel:
-        s = self.settings
-        model = load(path, backend=s.backend, device=s.device, threads=s.threads)
-        for n in s.warm_batches:  # first calls allocate and (fused) compile: not on a request's time
-            model.predict(np.zeros((n, *model.input_shape), dtype=np.uint8))
-        return model
-
     async def load(self, name: str) -> Served:
         """Serve the latest version of ``name``: load and warm it, switch, then drain the old version."""
         async with self._lock(name):
@@ -160,11 +146,10 @@ class ModelRepository:
                 return current
             self.state[name, version] = ("LOADING", "loading and warming up")
             try:
-                model = await asyncio.to_thread(self._load_and_warm, versions[version])
+                model, batcher = await asyncio.to_thread(self.prepare, versions[version])
             except Exception as e:  # noqa: BLE001 - a bad export on disk is the caller's 400, never a 500
                 self.state[name, version] = ("UNAVAILABLE", f"failed to load: {e}")
                 raise OIPError(400, f"model {name!r} version {version} cannot be loaded: {e}") from e
-            batcher = self.make_batcher(model)
             batcher.start()
             new = Served(name, version, versions[version], model, batcher)
             new.idle.set()
