@@ -1,8 +1,8 @@
 """A model repository: several models by name, one served version each, swapped without downtime.
 
 ``DIR/<name>/<version>/`` are export directories (``g2g-export``), versions are positive integers and the
-highest one is served (Triton's default "latest" policy). A single export directory is a repository of
-one model, version 1. Loading a model that already serves another version is a *swap*: the new version
+highest one is served (Triton's default "latest" policy). A single export directory (or ``model.pt``) is a
+repository of one model, version 1. Loading a model that already serves another version is a *swap*: the new version
 is loaded and warmed up (both batch sizes the batcher uses) while the old one keeps answering, then new
 requests go to the new one, and the old one is drained (requests already holding it finish) and dropped.
 """
@@ -78,7 +78,10 @@ class ModelRepository:
     def available(self) -> dict[str, dict[str, Path]]:
         if self.single is not None:
             if self._single_name is None:  # read_export checks every file's sha256: once
-                self._single_name = read_export(self.single)[1].get("name") or self.single.name
+                if self.single.is_dir():
+                    self._single_name = read_export(self.single)[1].get("name") or self.single.name
+                else:  # a model.pt, exported in memory under the name runtime.load gives it
+                    self._single_name = self.single.parent.name or self.single.stem
             return {self._single_name: {"1": self.single}}
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such model repository")
