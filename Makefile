@@ -3,12 +3,13 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
+SLIM_VENV ?= .venv-slim
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test gpu-check clean oip-screenshot
+.PHONY: install demo test test-slim gpu-check clean oip-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,19 @@ demo: install
 	echo; echo "$$ curl http://127.0.0.1:$(PORT)/stats"; \
 	curl -sS http://127.0.0.1:$(PORT)/stats | $(PY) -m json.tool
 
-test: install
+test: install test-slim
 	$(PY) -m pytest -q
+
+# A venv with only the [serve] extra (no torch, no onnx): the slim runtime tests run in it against an export
+# made by the full venv, so a serving install is shown to load, classify and match the torch backend.
+$(SLIM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SLIM_VENV)
+	$(SLIM_VENV)/bin/python -m pip install -q '.[serve]' pytest
+	touch $@
+
+test-slim: install $(SLIM_VENV)/.installed
+	$(PY) tests/tiny_export.py runs/slim
+	G2G_SLIM_EXPORT=runs/slim/export PYTHONPATH=$(CURDIR) $(SLIM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_slim.py
 
 # The CUDA checks, for a machine with a GPU: the CUDA tests (and the rest of the suite), real Fashion-MNIST
 # training on CUDA, side-by-side epoch times, and g2g-bench on CUDA. Runs with any Python that already has

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from g2gserve.model.checkpoint import CheckpointError
 from g2gserve.export import ExportError, export_checkpoint
-from g2gserve.formats import FORMATS
+from g2gserve.formats.packing import FORMAT_CHOICES
 from g2gserve.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET
 
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="model.pt written by python -m training.fit")
     p.add_argument("--out", type=Path, default=None, help="export directory (default: export/ next to the checkpoint)")
-    p.add_argument("--format", choices=FORMATS, default="auto",
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
                    help="storage of hidden layers; auto picks per layer (block for tiled masks, CSR only where it "
                         "beats dense, else dense) and records why in manifest.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -11,10 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from g2gserve.bench.measure import (Latency, as_dict, interleaved, machine_info, ort_node_profile, pairwise_speedup,
-                                peak_memory, pin_threads)
+from g2gserve.bench.measure import (CHUNK_SECONDS, Latency, interleaved, machine_info, ort_node_profile,
+                                    pairwise_speedup, peak_memory, pin_threads, sparse_vs_dense)
 from g2gserve.model.config import ModelConfig
-from g2gserve.export import read_export
+from g2gserve.bundle import read_bundle
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
@@ -22,7 +21,6 @@ from g2gserve.runtime import BACKENDS, load
 from g2gserve.runtime.torch_backend import PackedModule
 
 SWEEP_SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
-CHUNK_SECONDS = 0.5  # backends take turns in chunks this long (see bench_model)
 
 
 def _csv(kind):
@@ -32,12 +30,6 @@ def _csv(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
     return parse
-
-
-def _inputs(model, batch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(batch)
-    images = torch.randint(0, 256, (batch, *model.input_shape), generator=gen, dtype=torch.uint8)
-    return model.preprocess(images)
 
 
 def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
@@ -53,39 +45,12 @@ def _onnx_bytes(model_path: Path, manifest: dict) -> dict:
 
 def bench_model(path: Path, backends: list[str], batches: list[int], device: str, threads: int, seconds: float,
                 memory: bool = True, run_length: int = 1) -> dict:
-    runs, best, models = [], [], {}
-    for backend in backends:
-        for variant in ("sparse", "dense"):
-            models[backend, variant] = load(path, backend=backend, device=device, variant=variant, threads=threads)
-    manifest = models[backends[0], "sparse"].manifest
-    dev = torch.device(device)
-    chunks = max(1, round(seconds / CHUNK_SECONDS))
-    bar = tqdm(batches, desc="latency", unit="batch size")
-    for n in bar:
-        # The backends take turns in short chunks (each chunk A B A B for one backend after a short warm-up),
-        # so a slow patch of a noisy machine hits all of them alike and "best vs best" compares the same
-        # minutes, while every call still follows the other model of its pair (the cache state of A B A B).
-        calls, times = {}, {}
-        for backend in backends:
-            x = _inputs(models[backend, "sparse"], n).to(dev if backend == "torch" else "cpu")
-            calls[backend] = {v: functools.partial(models[backend, v].logits, x) for v in ("sparse", "dense")}
-            times[backend] = {"sparse": [], "dense": []}
-        for chunk in range(chunks):
-            for backend in backends:
-                t = interleaved(calls[backend], warmup=10 if chunk == 0 else 3, seconds=seconds / chunks,
-                                min_iters=-(-20 // chunks), max_iters=-(-1000 // chunks),
-                                device=dev if backend == "torch" else None, run_length=run_length)
-                for v in ("sparse", "dense"):
-                    times[backend][v] += t[v]
-        at = []
-        for backend in backends:
-            ts, td = times[backend]["sparse"], times[backend]["dense"]
-            ls, ld = Latency.of(ts), Latency.of(td)
-            at.append({"backend": backend, "batch": n, "sparse": as_dict(ls), "dense": as_dict(ld),
-                       "speedup": pairwise_speedup(ts, td),
-                       "throughput_sparse": n / (ls.p50_ms / 1e3), "throughput_dense": n / (ld.p50_ms / 1e3)})
-            bar.write(f"{backend:<12} batch {n:>4}: sparse p50 {ls.p50_ms:8.3f} ms  dense p50 {ld.p50_ms:8.3f} ms  "
-                      f"speedup {at[-1]['speedup']:.2f}x")
+    pairs = {backend: tuple(load(path, backend=backend, device=device, variant=v, threads=threads)
+                            for v in ("sparse", "dense")) for backend in backends}
+    manifest = pairs[backends[0]][0].manifest
+    runs, best = [], []
+    for n in tqdm(batches, desc="latency", unit="batch size"):
+        at = sparse_vs_dense(pairs, [n], seconds, device=torch.device(device), run_length=run_length, log=tqdm.write)
         runs += at
         s = min(at, key=lambda r: r["sparse"]["p50_ms"])
         d = min(at, key=lambda r: r["dense"]["p50_ms"])
@@ -139,7 +104,7 @@ def break_even(rows: list[dict], fmt: str, batch: int) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cpu']} ({m['cores']} cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
+    lines = [f"Machine: {m['cpu']} ({m.get('isa', '?')}, {m['cores']} cores{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
              f"device {result['device']}, {result['threads']} thread(s), torch {m['torch']}, "
              f"onnxruntime {m.get('onnxruntime')}, numba {m.get('numba')}. Command: `{result['command']}`", ""]
     rl = result.get("run_length", 1)
@@ -284,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
                                   args.seconds, memory=not args.no_memory, run_length=args.run_length)
         if args.profile:
-            shape = tuple(read_export(args.model)[0].input_shape)
+            shape = tuple(read_bundle(args.model).packed.input_shape)
             result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}
                                  for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
         if args.sweep:

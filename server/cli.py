@@ -1,71 +1,117 @@
-"""g2g-serve MODEL: serve image classification over HTTP with uvicorn."""
+"""g2g-serve MODEL: serve image classification over HTTP with uvicorn (uvloop + httptools when installed)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from g2gserve.model.checkpoint import CheckpointError, load_checkpoint
-from g2gserve.export import ExportError, read_export
 from g2gserve.runtime import BACKENDS
 
-from .app import ServeConfig, create_app
+from .app import create_app
+from .metrics import MULTIPROC_ENV
+from .settings import CONFIG_ENV, ServeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig(model="")
     p = argparse.ArgumentParser(
         prog="g2g-serve",
         description="Serve a G2GNet (export directory or model.pt) with FastAPI/uvicorn: POST /classify, "
-                    "GET /healthz /readyz /model /stats /metrics, docs at /docs. Concurrent requests are "
-                    "micro-batched; at start-up the server measures the sparse model against its dense twin "
-                    "on this machine (GET /stats).",
+                    "GET /healthz /readyz /model /stats /metrics, docs at /docs. A forward pass starts as soon as "
+                    "the model is free and takes every request waiting (adaptive micro-batching); decoding runs in "
+                    "a thread pool; at start-up the server measures the sparse model against its dense twin on "
+                    "this machine (GET /stats).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, help="export directory (g2g-export) or model.pt (exported in memory)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
                         "lowest latency at small batches)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
-    p.add_argument("--max-queue", type=int, default=512, help="images waiting at most; beyond: 503 + Retry-After")
-    p.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (413 beyond)")
+    p.add_argument("--variant", choices=("sparse", "dense"), default=d.variant,
+                   help="dense: serve the dense twin of the same export (same function, dense weights), to compare "
+                        "end to end")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="upper bound on how long a forward pass waits for admitted requests still being decoded "
+                        "(a lone request never waits)")
+    p.add_argument("--max-queue-ms", type=float, default=d.max_queue_ms,
+                   help="a request whose estimated queueing is longer is answered 503 + Retry-After at once")
+    p.add_argument("--max-queue", type=int, default=d.max_queue_images,
+                   help="images admitted at most; beyond: 503 + Retry-After")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body limit (413 beyond)")
+    p.add_argument("--max-images", type=int, default=d.max_images_per_request, help="images per request at most")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per worker")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="image-decoding threads per worker (default: the cores this process may run on)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes (each loads the model; /metrics sums them; one calibration)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request (off by default: a log line costs about as much as a small request)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
+
+
+def _check_model(path: Path) -> str | None:
+    """Refuse a missing, tampered or foreign model before starting uvicorn: the error message, or None."""
+    from g2gserve.bundle import ExportError, read_bundle
+    try:
+        if path.is_dir():
+            read_bundle(path)
+        else:
+            from g2gserve.model.checkpoint import CheckpointError, load_checkpoint  # a model.pt needs torch anyway
+            try:
+                load_checkpoint(path)
+            except CheckpointError as e:
+                return str(e)
+    except ExportError as e:
+        return str(e)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    try:  # refuse a missing, tampered or foreign model before starting uvicorn
-        if args.model.is_dir():
-            read_export(args.model)
-        else:
-            load_checkpoint(args.model)
-    except (ExportError, CheckpointError) as e:
-        print(f"g2g-serve: error: {e}", file=sys.stderr)
+    error = _check_model(args.model)
+    if error is not None:
+        print(f"g2g-serve: error: {error}", file=sys.stderr)
         return 2
     try:
-        cfg = ServeConfig(model=str(args.model), backend=args.backend, device=args.device, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, max_queue_images=args.max_queue,
-                          max_body_bytes=int(args.max_body_mb * 2**20), threads=args.threads,
-                          calibrate=not args.no_calibrate)
+        if args.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        cfg = ServeConfig(model=str(args.model), backend=args.backend, variant=args.variant, device=args.device,
+                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
+                          max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+                          max_images_per_request=args.max_images, threads=args.threads,
+                          decode_threads=args.decode_threads, calibrate=not args.no_calibrate)
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
-    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info")
-    if args.workers > 1:
-        os.environ["G2G_SERVE_CONFIG"] = json.dumps(dataclasses.asdict(cfg))
-        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, **common)
-    else:
+    common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
+                  access_log=args.access_log,
+                  loop="auto", http="auto")  # auto: uvloop and httptools (uvicorn[standard]) when installed
+    if args.workers == 1:
         uvicorn.run(create_app(cfg), **common)
+        return 0
+    # Several workers: metrics summed through files (prometheus multiprocess mode), one calibration for all.
+    shared = tempfile.mkdtemp(prefix="g2g-serve-")
+    try:
+        metrics_dir = os.path.join(shared, "metrics")
+        os.mkdir(metrics_dir)
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        os.environ[CONFIG_ENV] = dataclasses.replace(cfg, shared_dir=shared).to_json()
+        # A worker imports torch/numba and loads the model before it answers uvicorn's health pings: allow for it.
+        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers, timeout_worker_healthcheck=120,
+                    **common)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 

@@ -19,6 +19,7 @@ def test_interleaving_alternates_and_counts():
 
 
 def test_backends_take_turns_in_chunks_of_strict_pairs(tmp_path, monkeypatch):
+    import g2gserve.bench.measure as measure
     import server.bench as bench
     turns = []
 
@@ -27,8 +28,8 @@ def test_backends_take_turns_in_chunks_of_strict_pairs(tmp_path, monkeypatch):
         times = interleaved(runs, **kw)
         assert kw["min_iters"] == 7 and all(len(v) >= 7 for v in times.values())  # 20 samples over 3 chunks
         return times
-    monkeypatch.setattr(bench, "interleaved", spy)
-    monkeypatch.setattr(bench, "CHUNK_SECONDS", 0.01)
+    monkeypatch.setattr(measure, "interleaved", spy)
+    monkeypatch.setattr(measure, "CHUNK_SECONDS", 0.01)
     _, _, path = _checkpoint(tmp_path, granularity="block")
     result = bench.bench_model(path, ["torch", "onnxruntime"], [1, 3], "cpu", 1, 0.03, memory=False)
     assert turns == [["sparse", "dense"]] * 12  # 2 batch sizes x 3 chunks x 2 backends, each chunk A B A B

@@ -94,3 +94,41 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         save_checkpoint(path, from_model(model, CLASSES, PRE))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_groups_travel_with_the_checkpoint_and_nothing_redraws_them(tmp_path, monkeypatch):
+    """Packing and loading use the stored unit groups: a change in the RNG could not turn block packing into dense."""
+    from g2gserve.formats import pack_model
+    import g2gserve.model.g2gnet as g2gnet
+    model, path = _saved(tmp_path, grouping="random", granularity="block")
+    monkeypatch.setattr(g2gnet, "network_masks", lambda *a, **k: pytest.fail("masks/groups redrawn from the seed"))
+    loaded, ckpt = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(ckpt.groups, model.groups))
+    packed = pack_model(loaded)
+    assert [l.format for l in packed.layers] == ["block", "block"]
+    assert [o.tolist() for o in packed.unit_orders] == [torch.argsort(g, stable=True).tolist() for g in model.groups]
+
+
+def test_old_checkpoint_without_groups_derives_them_once_with_a_warning(tmp_path):
+    model, path = _saved(tmp_path, grouping="random", granularity="block")
+    obj = torch.load(path, weights_only=True)
+    del obj["groups"]
+    torch.save(obj, path)
+    with pytest.warns(UserWarning, match="deriving them once from mask_seed"):
+        ckpt = load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(ckpt.groups, model.groups))
+
+
+@pytest.mark.parametrize("groups,message", [
+    (lambda g: g[:-1], "list of 3 tensors"),
+    (lambda g: [g[0].int(), *g[1:]], "must be int64"),
+    (lambda g: [g[0], g[1].clone().fill_(0), g[2]], "not 4 groups of 16 units"),
+    (lambda g: [g[0], g[1] + 4, g[2]], "not 4 groups"),
+])
+def test_damaged_groups_are_refused(tmp_path, groups, message):
+    _, path = _saved(tmp_path)
+    obj = torch.load(path, weights_only=True)
+    obj["groups"] = groups(obj["groups"])
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)

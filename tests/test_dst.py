@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from g2gserve.model.masks import tile_order, to_tiles
-from g2gserve.model.g2gnet import build_model, unit_groups
+from g2gserve.model.g2gnet import build_model
 from training.dst import PRUNE, REGROW, DSTConfig, MaskScheduler
 from training.hebbian import HebbianTracker
 
@@ -37,7 +37,7 @@ def _setup(granularity="edge", prune="magnitude", regrow="hebbian", **kw):
 def test_invariants_after_every_update(granularity, prune, regrow):
     model, opt, sched = _setup(granularity, prune, regrow)
     counts = [int(l.mask.sum()) for l in model.hidden]
-    groups = unit_groups(model.cfg)
+    groups = model.groups
     orders = [tile_order(g) for g in groups]
     seen = []
 

@@ -7,8 +7,9 @@ import torch
 from export.cli import main as export_main
 from g2gserve.model.checkpoint import from_model, save_checkpoint
 from g2gserve.model.config import MODEL_KINDS
-from g2gserve.export import ExportError, check_parity, build_artifacts, export_checkpoint, read_export
-from g2gserve.formats import densify, pack_block, pack_csr, pack_model
+from g2gserve.bundle import ExportError, read_bundle, sha256
+from g2gserve.export import check_parity, build_artifacts, export_checkpoint
+from g2gserve.formats import densify, format_of, pack_model
 from g2gserve.model.g2gnet import build_model
 from g2gserve.data.preprocess import Preprocess
 from g2gserve.runtime import load
@@ -80,7 +81,8 @@ def test_round_trip_through_files_and_checkpoint(tmp_path, backend, variant):
     for source in (tmp_path / "exp", path):
         m = load(source, backend=backend, variant=variant)
         probs = m.predict(images)
-        assert probs.shape == (7, 10) and torch.allclose(probs, expected, atol=1e-5)
+        assert isinstance(probs, np.ndarray) and probs.dtype == np.float32
+        assert probs.shape == (7, 10) and np.allclose(probs, expected.detach().numpy(), atol=1e-5)
         assert m.classes == CLASSES and m.input_shape == (1, 28, 28)
 
 
@@ -92,16 +94,18 @@ def test_block_packer_on_hand_made_masks():
     # tile-row 2 (rows 4-5): empty
     w = torch.randn(6, 8)
     bias = torch.randn(6)
-    layer = pack_block("l", w, mask, bias, b)
+    block = format_of("block")
+    layer = block.pack("l", w.numpy(), mask.numpy(), bias.numpy(), b)
     assert layer.tensors["idx"].shape == (3, 4)  # K = widest row
-    assert torch.equal(layer.dense_weight(), w * mask)
+    assert layer.tensors["idx"].tolist() == [[0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0]]  # live first, then padding
+    assert np.array_equal(layer.dense_weight(), (w * mask).numpy())
+    block.validate(layer)
     x = torch.randn(5, 8)
-    from g2gserve.runtime.torch_backend import BlockSparseLayer
-    assert torch.allclose(BlockSparseLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
+    assert torch.allclose(block.torch_module(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
     with pytest.raises(ValueError, match="not made of whole 2x2 tiles"):
         bad = mask.clone()
         bad[0, 0] = False
-        pack_block("l", w, bad, bias, b)
+        block.pack("l", w.numpy(), bad.numpy(), bias.numpy(), b)
 
 
 def test_csr_packer_on_hand_made_masks():
@@ -110,13 +114,14 @@ def test_csr_packer_on_hand_made_masks():
     mask[3, 2] = True              # single entry; rows 0 and 2 empty
     w = torch.randn(4, 5)
     bias = torch.randn(4)
-    layer = pack_csr("l", w, mask, bias)
+    csr = format_of("csr")
+    layer = csr.pack("l", w.numpy(), mask.numpy(), bias.numpy(), 0)
     assert layer.tensors["crow"].tolist() == [0, 0, 5, 5, 6]
-    assert layer.tensors["col"].dtype == torch.int32 and layer.tensors["values"].numel() == 6
-    from g2gserve.runtime.torch_backend import CSRLayer
+    assert layer.tensors["col"].dtype == np.int32 and layer.tensors["values"].size == 6
+    csr.validate(layer)
     x = torch.randn(3, 5)
-    assert torch.allclose(CSRLayer(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
-    assert torch.equal(layer.dense_weight(), w * mask)
+    assert torch.allclose(csr.torch_module(layer)(x), x @ (w * mask).t() + bias, atol=1e-6)
+    assert np.array_equal(layer.dense_weight(), (w * mask).numpy())
 
 
 def test_random_grouping_is_folded_into_the_layout():
@@ -142,11 +147,12 @@ def _rewrite_manifest(d, change):
 
 
 def _rewrite_weights(d, change):
-    from safetensors.torch import load_file, save_file
+    from safetensors.numpy import load_file, save_file
     t = load_file(str(d / "weights.safetensors"))
     change(t)
     save_file(t, str(d / "weights.safetensors"))
-    _rewrite_manifest(d, lambda m: m["files"].pop("weights.safetensors"))  # a careful tamperer fixes checksums
+    digest = sha256(d / "weights.safetensors")  # a careful tamperer fixes the checksum
+    _rewrite_manifest(d, lambda m: m["files"]["weights.safetensors"].update(sha256=digest))
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -155,16 +161,57 @@ def _rewrite_weights(d, change):
     (lambda d: _rewrite_manifest(d, lambda m: m.update(format_version=99)), "version 99 is not supported"),
     (lambda d: (d / "dense.onnx").write_bytes(b"junk"), "dense.onnx does not match the checksum"),
     (lambda d: _rewrite_weights(d, lambda t: t.update({"hidden.0.idx": t["hidden.0.idx"] + 1000})), "outside"),
-    (lambda d: _rewrite_weights(d, lambda t: t.update({"hidden.1.blocks": t["hidden.1.blocks"][:, :8].contiguous()})), "shape"),
+    (lambda d: _rewrite_weights(d, lambda t: t.update({"hidden.1.blocks": np.ascontiguousarray(t["hidden.1.blocks"][:, :8])})), "shape"),
     (lambda d: _rewrite_weights(d, lambda t: t.pop("head.bias")), "head.bias"),
     (lambda d: _rewrite_manifest(d, lambda m: m["classes"].pop()), "9 class names"),
 ])
 def test_tampered_exports_are_rejected(tmp_path, edit, message):
     d = _tamper(tmp_path, edit)
     with pytest.raises(ExportError, match=message):
-        read_export(d)
+        read_bundle(d)
     with pytest.raises(ExportError):
         load(d)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: _rewrite_manifest(d, lambda m: m.pop("files")), "no 'files' section"),
+    (lambda d: _rewrite_manifest(d, lambda m: m.update(files={})), "no checksum for weights.safetensors, model.onnx"),
+    (lambda d: _rewrite_manifest(d, lambda m: m.update(files=[])), "must map file names"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].pop("model.onnx")), "no checksum for model.onnx"),
+    (lambda d: _flip_byte(d / "weights.safetensors"), "weights.safetensors does not match the checksum"),
+    (lambda d: _flip_byte(d / "model.onnx"), "model.onnx does not match the checksum"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"../../etc/passwd": {"sha256": "0"}})),
+     r"names '../../etc/passwd': only plain file names inside the export directory"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"/etc/passwd": {"sha256": "0"}})), "only plain file names"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"sub/model.onnx": {"sha256": "0"}})), "only plain file names"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"..": {"sha256": "0"}})), "only plain file names"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"notes.txt": {"sha256": "0"}})), "not a file of an export"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["files"]["dense.onnx"].pop("sha256")), "dense.onnx does not match"),
+    (lambda d: _rewrite_manifest(d, lambda m: m.update(format_version=1)), "version 1 is not supported .* re-export"),
+    (lambda d: _rewrite_manifest(d, lambda m: m["layers"][0].update(density="high")), r"manifest.layers\[0\].density must be float"),
+    (lambda d: _rewrite_manifest(d, lambda m: m.pop("unit_orders")), "lacks 'unit_orders'"),
+])
+def test_export_checksums_cannot_be_skipped(tmp_path, edit, message):
+    """Issue 14: every artifact's sha256 is mandatory and names stay inside the directory."""
+    d = _tamper(tmp_path, edit)
+    with pytest.raises(ExportError, match=message):
+        read_bundle(d)
+
+
+def test_manifest_round_trips_through_its_schema(tmp_path):
+    from g2gserve.bundle import Manifest, json_schema
+    d = _tamper(tmp_path, lambda d: None)
+    raw = json.loads((d / "manifest.json").read_text())
+    assert Manifest.from_dict(raw).to_dict() == raw
+    schema = json_schema()["$defs"]["Manifest"]
+    assert set(schema["required"]) <= set(raw) and set(raw) <= set(schema["properties"])
+    assert read_bundle(d).packed.unit_orders[1].shape == (64,)
 
 
 def test_disagreeing_artifacts_refuse_to_write(tmp_path, monkeypatch):
@@ -195,3 +242,11 @@ def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit):
         export_main([str(path), "--opset", "7", "--force"])
+
+
+def test_the_documented_schema_is_current():
+    """docs/manifest.schema.json is generated: python -m g2gserve.bundle --schema docs/manifest.schema.json"""
+    from pathlib import Path
+    from g2gserve.bundle import json_schema
+    doc = Path(__file__).resolve().parents[1] / "docs" / "manifest.schema.json"
+    assert json.loads(doc.read_text()) == json_schema()

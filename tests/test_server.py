@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -129,12 +130,12 @@ def test_microbatcher_batches_and_matches_unbatched():
     def predict(x):
         calls.append(len(x))
         time.sleep(0.01)
-        return x.float().mean((1, 2, 3))[:, None].repeat(1, 2)
+        return np.repeat(x.astype(np.float32).mean((1, 2, 3))[:, None], 2, axis=1)
 
     async def main():
         b = MicroBatcher(predict, max_batch=8, max_wait_s=0.05, max_queue_images=64)
         b.start()
-        xs = [torch.full((1, 1, 2, 2), i, dtype=torch.uint8) for i in range(12)]
+        xs = [np.full((1, 1, 2, 2), i, dtype=np.uint8) for i in range(12)]
         results = await asyncio.gather(*(b.submit(x) for x in xs))
         await b.drain()
         return xs, results
@@ -142,18 +143,18 @@ def test_microbatcher_batches_and_matches_unbatched():
     xs, results = asyncio.run(main())
     assert max(calls) == 8 and sum(calls) == 12  # batched, never above max_batch
     for x, r in zip(xs, results):
-        assert torch.equal(r.probs, predict(x))
+        assert np.array_equal(r.probs, predict(x))
 
 
 def test_queue_full_is_refused_and_drain_finishes_in_flight():
     async def main():
-        b = MicroBatcher(lambda x: (time.sleep(0.2), x.float().flatten(1))[1], max_batch=2, max_wait_s=0.0,
-                         max_queue_images=2)
+        b = MicroBatcher(lambda x: (time.sleep(0.2), x.astype(np.float32).reshape(len(x), -1))[1], max_batch=2,
+                         max_wait_s=0.0, max_queue_images=2)
         b.start()
-        first = asyncio.create_task(b.submit(torch.zeros(2, 1, 1, 1, dtype=torch.uint8)))
+        first = asyncio.create_task(b.submit(np.zeros((2, 1, 1, 1), dtype=np.uint8)))
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull):
-            await b.submit(torch.zeros(1, 1, 1, 1, dtype=torch.uint8))
+            await b.submit(np.zeros((1, 1, 1, 1), dtype=np.uint8))
         await b.drain()  # graceful: the in-flight request completes
         return await first
 
@@ -164,7 +165,7 @@ def test_queue_full_answers_503_with_retry_after(export_dir, monkeypatch):
     app = _app(export_dir, max_batch=1, max_queue_images=1, max_wait_ms=0)
     with TestClient(app) as c:
         service = app.state.service
-        real = service.model.predict
+        real = service.predict
         monkeypatch.setattr(service.batcher, "predict", lambda x: (time.sleep(0.3), real(x))[1])
         statuses = []
 
@@ -247,7 +248,7 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(export_dir):
     app = _app(export_dir, max_wait_ms=0)
     url, server, thread = _start(app)
     service = app.state.service
-    real = service.model.predict
+    real = service.predict
     service.batcher.predict = lambda x: (time.sleep(0.5), real(x))[1]
     result = {}
     client = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/classify", content=_png(), timeout=10)))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from g2gserve.model.masks import from_tile_mask, tile_order, to_tiles
-from g2gserve.model.g2gnet import G2GNet, hidden_masks, unit_groups
+from g2gserve.model.g2gnet import G2GNet, hidden_masks
 
 from .hebbian import HebbianTracker
 
@@ -84,7 +84,7 @@ class MaskScheduler:
             raise ValueError("dynamic sparse training needs a sparse model (g2g or er)")
         mc = model.cfg
         self.block = mc.block_size if mc.granularity == "block" else None
-        groups = unit_groups(mc)
+        groups = [g.cpu() for g in model.groups]  # stored with the model, never redrawn
         self.orders = [tile_order(g) for g in groups]
         device = self.layers[0].weight.device
         self.intra = [(groups[k + 1][:, None] == groups[k][None, :]).to(device) for k in range(len(self.layers))]

@@ -1,6 +1,6 @@
 """Measuring sparse against dense: interleaved latency, percentiles, peak memory of fresh processes.
 
-Shared by ``g2g-bench`` and the server's ``/stats``. Machines are noisy, so the sparse model and its
+Shared by ``g2g-bench`` and the server's ``/stats`` (both call ``sparse_vs_dense``, one implementation). Machines are noisy, so the sparse model and its
 dense twin run alternately (A B A B ...) in one process after a warm-up, and the speedup is computed
 pair by pair (median of dense_i / sparse_i), never from two separate runs. ``run_length`` > 1 times
 warm-cache runs of each model instead (A A A B B B ...), see ``interleaved``.
@@ -16,10 +16,12 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Hashable
+from functools import partial
+from typing import Any, Callable, Hashable
 
 import numpy as np
-import torch
+
+CHUNK_SECONDS = 0.5  # backends take turns in chunks this long (see sparse_vs_dense)
 
 
 @dataclass
@@ -37,9 +39,11 @@ class Latency:
         return cls(q(0.50), q(0.95), q(0.99), statistics.fmean(s) * 1e3, len(s))
 
 
-def _timer(device: torch.device | None):
+def _timer(device: Any | None):
     """A function timing one call: CUDA events (with synchronisation) on GPU, perf_counter on CPU."""
     if device is not None and device.type == "cuda":
+        import torch  # only on the GPU path: a slim (torch-free) server never gets here
+
         def time_cuda(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
@@ -58,7 +62,7 @@ def _timer(device: torch.device | None):
 
 
 def interleaved(runs: dict[Hashable, Callable[[], object]], warmup: int = 10, min_iters: int = 20, max_iters: int = 1000,
-                seconds: float = 2.0, device: torch.device | None = None, run_length: int = 1) -> dict[Hashable, list[float]]:
+                seconds: float = 2.0, device: Any | None = None, run_length: int = 1) -> dict[Hashable, list[float]]:
     """Time the callables in rotation (A B C ...), ``warmup`` rounds first; stop after ``seconds`` (>= min_iters each).
 
     ``run_length`` 1 is strict A B A B: every call follows a call of another model, which has pushed this
@@ -90,6 +94,55 @@ def pairwise_speedup(sparse: list[float], dense: list[float]) -> float:
     return statistics.median(d / s for s, d in zip(sparse, dense))
 
 
+def model_input(model, batch: int):
+    """Normalised input for ``model.logits``: random uint8 images of the model's shape (seeded by ``batch``)."""
+    images = np.random.default_rng(batch).integers(0, 256, (batch, *model.input_shape), dtype=np.uint8)
+    try:
+        return model.preprocess(images)
+    except (AttributeError, TypeError):  # a runtime whose preprocessing takes torch tensors only
+        import torch
+        return model.preprocess(torch.from_numpy(images))
+
+
+def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], seconds: float, device: Any | None = None,
+                    run_length: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Time each backend's sparse model against its dense twin at every batch size: one row per (backend, batch).
+
+    ``pairs`` maps a backend name to loaded ``(sparse, dense)`` models. The backends take turns in chunks of
+    ~``CHUNK_SECONDS`` (each chunk A B A B for one backend after a short warm-up), so a slow patch of a noisy
+    machine hits all of them alike and "best vs best" compares the same minutes, while every call still follows
+    the other model of its pair. ``device`` (torch, CUDA) is used by the torch backend only.
+    """
+    chunks = max(1, round(seconds / CHUNK_SECONDS))
+    rows = []
+    for n in batches:
+        calls, times = {}, {}
+        for backend, (sparse, dense) in pairs.items():
+            x = model_input(sparse, n)
+            if backend == "torch" and device is not None and hasattr(x, "to"):
+                x = x.to(device)  # the host-to-device copy is not part of the timing
+            calls[backend] = {"sparse": partial(sparse.logits, x), "dense": partial(dense.logits, x)}
+            times[backend] = {"sparse": [], "dense": []}
+        for chunk in range(chunks):
+            for backend in pairs:
+                t = interleaved(calls[backend], warmup=10 if chunk == 0 else 3, seconds=seconds / chunks,
+                                min_iters=-(-20 // chunks), max_iters=-(-1000 // chunks),
+                                device=device if backend == "torch" else None, run_length=run_length)
+                for v in ("sparse", "dense"):
+                    times[backend][v] += t[v]
+        for backend in pairs:
+            ts, td = times[backend]["sparse"], times[backend]["dense"]
+            ls, ld = Latency.of(ts), Latency.of(td)
+            rows.append({"backend": backend, "batch": n, "sparse": as_dict(ls), "dense": as_dict(ld),
+                         "speedup": pairwise_speedup(ts, td),
+                         "throughput_sparse": n / (ls.p50_ms / 1e3), "throughput_dense": n / (ld.p50_ms / 1e3)})
+            if log:
+                r = rows[-1]
+                log(f"{backend:<12} batch {n:>4}: sparse p50 {ls.p50_ms:8.3f} ms  dense p50 {ld.p50_ms:8.3f} ms  "
+                    f"speedup {r['speedup']:.2f}x")
+    return rows
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -99,20 +152,36 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "torch": str(torch.__version__), "gpu": None}
-    for module in ("onnxruntime", "numba"):
+    info = {"cpu": cpu, "cores": os.cpu_count(), "isa": vector_isa(), "machine": platform.machine(),
+            "python": platform.python_version(), "torch": None, "gpu": None}
+    for module in ("torch", "onnxruntime", "numba"):
+        if module == "torch" and "torch" not in sys.modules:
+            continue  # a slim (torch-free) process stays so
         try:
-            info[module] = __import__(module).__version__
+            info[module] = str(__import__(module).__version__)
         except ImportError:
             pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if info["torch"] and sys.modules["torch"].cuda.is_available():
+        info["gpu"] = sys.modules["torch"].cuda.get_device_name(0)
     return info
+
+
+def vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports (from /proc/cpuinfo flags), or the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for isa in ("avx512f", "avx2", "avx", "sse4_2"):
+        if isa in flags:
+            return isa.upper().replace("_", ".")
+    return platform.machine()
 
 
 def pin_threads(threads: int) -> list[int] | None:
     """Use ``threads`` intra-op threads and, where the OS allows, pin the process to as many cores."""
+    import torch
     torch.set_num_threads(threads)
     try:
         cores = sorted(os.sched_getaffinity(0))[:threads]
@@ -144,7 +213,7 @@ def ort_node_profile(onnx_path: str, batch: int, input_shape: tuple[int, ...], t
                      skip: int = 50) -> dict:
     """Where onnxruntime spends a forward pass: median microseconds per node, summed per op type, next to the
     median of the whole run (the difference is per-node and per-run overhead). Uses onnxruntime's profiler."""
-    from g2gserve.export import ort_session  # onnx/onnxruntime: only when profiling
+    from g2gserve.runtime.ort import ort_session  # onnxruntime: only when profiling
     with tempfile.TemporaryDirectory() as tmp:
         session = ort_session(onnx_path, threads, profile_prefix=os.path.join(tmp, "ort"))
         x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,18 @@ class Preprocess:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
+    def __call__(self, images):
+        """numpy in, float32 numpy out (serving, no torch); a torch tensor in (training, any device), a tensor out."""
+        if len(images.shape) != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(f"expected images of shape (N, {self.channels}, {self.height}, {self.width}), got {tuple(images.shape)}")
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        if not isinstance(images, np.ndarray) and type(images).__module__.startswith("torch"):
+            import torch
+            mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+            return (images.float() / 255.0 - mean) / std
+        mean = np.array(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.array(self.std, np.float32).reshape(1, -1, 1, 1)
+        return (np.asarray(images).astype(np.float32) / np.float32(255.0) - mean) / std
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std)}
@@ -44,8 +50,9 @@ class Preprocess:
         return cls(c, h, w, tuple(d["mean"]), tuple(d["std"]))
 
     @classmethod
-    def fit(cls, images: torch.Tensor) -> "Preprocess":
-        """Per-channel mean/std of a uint8 (N, C, H, W) training set."""
+    def fit(cls, images) -> "Preprocess":
+        """Per-channel mean/std of a uint8 (N, C, H, W) training set (a torch tensor)."""
+        import torch
         n, c, h, w = images.shape
         total = torch.zeros(c, dtype=torch.float64)
         squares = torch.zeros(c, dtype=torch.float64)

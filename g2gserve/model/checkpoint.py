@@ -5,28 +5,21 @@ A checkpoint is a plain dict of tensors, strings and numbers loaded with
 """
 from __future__ import annotations
 
-import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from g2gserve import __version__
+from g2gserve.errors import CheckpointError  # noqa: F401  (re-exported)
 from g2gserve.model.config import ModelConfig
 from g2gserve.fileio import atomic_write
-from g2gserve.model.g2gnet import G2GNet, build_model
+from g2gserve.model.g2gnet import G2GNet, initial_masks_and_groups, model_widths
 from g2gserve.data.preprocess import Preprocess
+from g2gserve.versions import versions
 
 FORMAT = "g2gserve.checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file is missing, corrupt, or not a g2gserve checkpoint; the message names the file."""
-
-
-def versions() -> dict[str, str]:
-    return {"g2gserve": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 @dataclass
@@ -38,21 +31,45 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
     seed: int = 0
     meta: dict = field(default_factory=dict)  # dataset, training args, versions, ...
+    groups: list[torch.Tensor] | None = None  # ``G2GNet.groups``: unit groups per unit set (None: dense kinds)
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(), "state_dict": self.state_dict, "classes": list(self.classes),
             "preprocess": self.preprocess.to_dict(), "history": self.history, "seed": self.seed,
-            "meta": self.meta | {"versions": versions()},
+            "meta": self.meta | {"versions": versions("torch")}, "groups": self.groups,
         }
 
     def build(self) -> G2GNet:
-        """The model with trained weights and (possibly rewired) masks."""
-        model = build_model(self.config)
+        """The model with trained weights, its stored (possibly rewired) masks and stored groups: nothing is
+        redrawn from the seed."""
+        n = len(self.config.hidden)
+        masks = [self.state_dict.get(f"hidden.{k}.mask") for k in range(n)]
+        try:
+            model = G2GNet(self.config, model_widths(self.config), masks, self.groups)
+        except ValueError as e:
+            raise CheckpointError(f"masks do not match the config ({e})") from e
         _load_weights(model, self.state_dict)
         model.eval()
         return model
+
+
+def check_groups(cfg: ModelConfig, groups) -> None:
+    """Raise ValueError unless ``groups`` fits ``cfg``: one balanced int64 assignment per unit set (None if dense)."""
+    if not cfg.is_sparse:
+        if groups is not None:
+            raise ValueError(f"a {cfg.kind} model has no unit groups")
+        return
+    widths = [cfg.encoder_features, *cfg.hidden]
+    if not isinstance(groups, list) or len(groups) != len(widths):
+        raise ValueError(f"unit groups must be a list of {len(widths)} tensors (encoder output, then each hidden layer)")
+    for k, (g, n) in enumerate(zip(groups, widths)):
+        if not isinstance(g, torch.Tensor) or g.dtype != torch.int64 or tuple(g.shape) != (n,):
+            raise ValueError(f"unit groups of unit set {k} must be int64 of shape ({n},)")
+        if bool((g < 0).any() | (g >= cfg.groups).any()) or \
+                not bool((torch.bincount(g, minlength=cfg.groups) == n // cfg.groups).all()):
+            raise ValueError(f"unit groups of unit set {k} are not {cfg.groups} groups of {n // cfg.groups} units")
 
 
 def _load_weights(model: G2GNet, state: dict[str, torch.Tensor]) -> None:
@@ -70,7 +87,8 @@ def _load_weights(model: G2GNet, state: dict[str, torch.Tensor]) -> None:
 def from_model(model: G2GNet, classes: list[str], preprocess: Preprocess, history: list[dict] | None = None,
                seed: int = 0, meta: dict | None = None) -> Checkpoint:
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    return Checkpoint(model.cfg, state, list(classes), preprocess, list(history or []), seed, dict(meta or {}))
+    groups = None if model.groups is None else [g.detach().to("cpu").clone() for g in model.groups]
+    return Checkpoint(model.cfg, state, list(classes), preprocess, list(history or []), seed, dict(meta or {}), groups)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -105,10 +123,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ckpt = Checkpoint(
             config=ModelConfig.from_dict(obj["config"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
             preprocess=Preprocess.from_dict(obj["preprocess"]), history=list(obj.get("history", [])),
-            seed=int(obj.get("seed", 0)), meta=dict(obj.get("meta", {})),
+            seed=int(obj.get("seed", 0)), meta=dict(obj.get("meta", {})), groups=obj.get("groups"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from e
+    if "groups" not in obj and ckpt.config.is_sparse:
+        warnings.warn(f"{path}: written before unit groups were stored; deriving them once from mask_seed "
+                      f"{ckpt.config.mask_seed} (save the checkpoint again to store them)", stacklevel=2)
+        ckpt.groups = initial_masks_and_groups(ckpt.config)[1]
+    try:
+        check_groups(ckpt.config, ckpt.groups)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({e})") from e
     if len(ckpt.classes) != ckpt.config.num_classes:
         raise CheckpointError(f"{path}: {len(ckpt.classes)} class names for {ckpt.config.num_classes} classes")
     return ckpt

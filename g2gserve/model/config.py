@@ -1,11 +1,13 @@
-"""One dataclass describes every model the project builds; ``build_model`` turns it into a network."""
+"""One dataclass describes every model the project builds; ``build_model`` turns it into a network.
+
+No torch here: reading a bundle's config must not import it."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from g2gserve.model.masks import GRANULARITIES, GROUPINGS
-
 MODEL_KINDS = ("g2g", "dense", "dense-params", "er")
+GROUPINGS = ("index", "random", "mixer")  # how units are assigned to groups (model.masks)
+GRANULARITIES = ("edge", "block")         # what a mask decides: single connections or b x b tiles
 
 
 @dataclass(frozen=True)

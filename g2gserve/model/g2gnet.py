@@ -16,9 +16,15 @@ from g2gserve.model.masks import network_masks
 
 
 class G2GNet(nn.Module):
-    def __init__(self, cfg: ModelConfig, hidden: tuple[int, ...], masks: list[torch.Tensor | None]):
+    """``groups[k]``: group id of every unit of unit set k (encoder output first), as the masks were drawn;
+    None for dense kinds. Stored in checkpoints (``model.checkpoint``) and used for packing and DST, so
+    nothing re-derives it from the seed."""
+
+    def __init__(self, cfg: ModelConfig, hidden: tuple[int, ...], masks: list[torch.Tensor | None],
+                 groups: list[torch.Tensor] | None = None):
         super().__init__()
         self.cfg = cfg
+        self.groups = groups
         widths = [cfg.encoder_features, *hidden]
         self.encoder = PatchEncoder(cfg.in_channels, cfg.conv_channels, cfg.patch_size)
         self.hidden = nn.ModuleList(SparseLinear(widths[k], widths[k + 1], masks[k]) for k in range(len(hidden)))
@@ -39,16 +45,17 @@ def _network_masks(cfg: ModelConfig):
                          cfg.granularity, cfg.block_size, cfg.mask_seed, structured=(cfg.kind == "g2g"))
 
 
+def initial_masks_and_groups(cfg: ModelConfig) -> tuple[list[torch.Tensor | None], list[torch.Tensor] | None]:
+    """The masks ``cfg.mask_seed`` draws for the hidden layers and the unit groups they were drawn with
+    (Nones for dense kinds). Called when a model is first built; afterwards the groups travel with it."""
+    if not cfg.is_sparse:
+        return [None] * len(cfg.hidden), None
+    return _network_masks(cfg)
+
+
 def hidden_masks(cfg: ModelConfig) -> list[torch.Tensor | None]:
     """The initial masks of ``cfg``'s hidden layers (None for dense layers)."""
-    if not cfg.is_sparse:
-        return [None] * len(cfg.hidden)
-    return _network_masks(cfg)[0]
-
-
-def unit_groups(cfg: ModelConfig) -> list[torch.Tensor]:
-    """Group id of every unit of every unit set (encoder output first), as the masks were drawn."""
-    return _network_masks(cfg)[1]
+    return initial_masks_and_groups(cfg)[0]
 
 
 def _conv_params(cfg: ModelConfig) -> int:
@@ -78,4 +85,4 @@ def model_widths(cfg: ModelConfig) -> tuple[int, ...]:
 
 def build_model(cfg: ModelConfig) -> G2GNet:
     """The one factory: every model kind from its config, reproducibly (masks from ``cfg.mask_seed``)."""
-    return G2GNet(cfg, model_widths(cfg), hidden_masks(cfg))
+    return G2GNet(cfg, model_widths(cfg), *initial_masks_and_groups(cfg))

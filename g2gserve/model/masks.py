@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-GROUPINGS = ("index", "random", "mixer")
-GRANULARITIES = ("edge", "block")
+from g2gserve.model.config import GRANULARITIES, GROUPINGS  # noqa: F401  (re-exported)
 
 
 def inter_group_probability(sparsity: float, groups: int) -> float:

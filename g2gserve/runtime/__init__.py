@@ -1,2 +1,3 @@
 """Inference runtimes: ``load(MODEL, backend=...)`` and the backends behind it."""
-from g2gserve.runtime.loader import BACKENDS, VARIANTS, CheckpointError, ExportError, InferenceModel, load  # noqa: F401
+from g2gserve.runtime.loader import (BACKENDS, VARIANTS, CheckpointError, ExportError, InferenceModel, load,  # noqa: F401
+                                     open_bundle)

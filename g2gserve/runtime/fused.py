@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 
 from g2gserve.formats import PackedLayer, PackedNet
 
@@ -236,13 +235,9 @@ def _dense(weight: np.ndarray, bias: np.ndarray) -> tuple:
 
 
 def _layer(layer: PackedLayer) -> tuple:
-    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer."""
-    bias = layer.tensors["bias"].numpy()
-    if layer.format != "block":
-        return _dense(layer.dense_weight().numpy(), bias)
-    blocks, idx = layer.tensors["blocks"].numpy(), layer.tensors["idx"].numpy().astype(np.int64)
-    t = blocks.shape[2]  # blocks: [O, k*t, t], input unit major
-    return _panels(blocks, t), idx, t, t, bias, layer.out_features
+    """(panels, idx, t_in, t_out, bias, out_features) of any packed layer, from its format's tiles."""
+    blocks, idx, t_in, t_out = layer.spec.fused_tiles(layer)  # blocks: [O, k*t_in, t_out], input unit major
+    return _panels(blocks, t_out), idx.astype(np.int64), t_in, t_out, layer.tensors["bias"], layer.out_features
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features")
@@ -259,9 +254,9 @@ class FusedNet:
     def __init__(self, packed: PackedNet):
         if not packed.layers:
             raise ValueError("the fused backend needs at least one hidden layer")
-        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1).numpy()
-        layers = [_dense(conv, packed.conv_bias.numpy()), *(_layer(l) for l in packed.layers),
-                  _dense(packed.head_weight.numpy(), packed.head_bias.numpy())]
+        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
+        layers = [_dense(conv, packed.conv_bias), *(_layer(l) for l in packed.layers),
+                  _dense(packed.head_weight, packed.head_bias)]
         line = 16  # floats per 64-byte cache line
         segments, meta, size, t_off = [], [], 0, 0
         for panels, idx, t_in, t_out, bias, width in layers:
@@ -286,13 +281,3 @@ class FusedNet:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         return _forward(x, self.patch_size, self.weights, self.tiles, self.meta)
 
-
-def fused_runner(packed: PackedNet):
-    """A runtime ``run(x: Tensor) -> Tensor`` over ``FusedNet``, compiled (or loaded from numba's cache) now,
-    so that the first request does not pay for it."""
-    net = FusedNet(packed)
-    net(np.zeros((1, *net.input_shape), np.float32))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(net(x.numpy(force=True)))  # force: detached, on the CPU (a no-op if so)
-    return run

@@ -1,0 +1,18 @@
+"""FastAPI dependencies: the routers get the app's ``Service`` through ``Depends(get_service)``."""
+from __future__ import annotations
+
+from fastapi import HTTPException, Request
+
+from .service import Service
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def loaded_service(request: Request) -> Service:
+    """The service once its model is loaded; 503 + Retry-After before that."""
+    service: Service = request.app.state.service
+    if not service.ready:
+        raise HTTPException(503, "model is not loaded yet", headers={"Retry-After": "1"})
+    return service

@@ -1,0 +1,140 @@
+"""Request bodies → images: which payloads a request carries (on the event loop: HTTP parsing only), and turning
+them into one uint8 (N, C, H, W) array (in the decode thread pool: Pillow releases the GIL while it decodes).
+
+Four ways in: raw image bytes (any content type), multipart ``file`` fields, JSON base64 (``image``/``images``),
+and raw pixels — uint8 ``N×C×H×W`` or ``N×H×W`` with the shape in the ``X-Shape`` header or the ``shape`` query
+parameter (``"4,1,28,28"``), no codec on the way.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import HTTPException, Request
+from PIL import Image
+
+from g2gserve.data.images import ImageError, decode_array
+
+SHAPE_HEADER = "x-shape"
+
+
+@dataclass
+class Body:
+    """What a request carries, before any decoding: encoded images, a JSON text to unpack, or raw pixels."""
+    payloads: list[bytes] | None = None
+    json_text: bytes | None = None
+    pixels: np.ndarray | None = None
+
+    @property
+    def images_hint(self) -> int:
+        """Images known before decoding (for admission); a JSON body counts as one until it is unpacked."""
+        if self.pixels is not None:
+            return len(self.pixels)
+        return len(self.payloads) if self.payloads is not None else 1
+
+
+INLINE_PIXELS = 128 * 128  # one image at most this large is decoded on the event loop (cheaper than a thread hop)
+
+
+def announced_images(request: Request) -> int:
+    """Images a request says it carries before its body is read (raw pixels: N of the shape; otherwise 1)."""
+    text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
+    try:
+        return max(1, int(text.replace("x", ",").split(",")[0])) if text else 1
+    except ValueError:
+        return 1  # parse_shape answers 422 later
+
+
+def cheap_to_decode(body: Body) -> bool:
+    """Raw pixels, or a single small image (its header read, nothing decoded): not worth the decode pool."""
+    if body.pixels is not None:
+        return True
+    if body.payloads is None or len(body.payloads) != 1 or len(body.payloads[0]) > 64 * 1024:
+        return False
+    try:
+        with Image.open(io.BytesIO(body.payloads[0])) as im:
+            return im.size[0] * im.size[1] <= INLINE_PIXELS
+    except Exception:  # noqa: BLE001 - not an image: decode_body answers with the right 4xx, cheaply
+        return True
+
+
+def parse_shape(text: str, input_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """``"N,C,H,W"`` or ``"N,H,W"`` (1-channel models) → a 4-d shape that must match the model's input."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise HTTPException(422, f"shape must be comma-separated integers like N,C,H,W; got {text!r}")
+    c, h, w = input_shape
+    if len(dims) == 3 and c == 1:
+        dims = (dims[0], 1, dims[1], dims[2])
+    if len(dims) != 4 or dims[1:] != input_shape or dims[0] < 1:
+        raise HTTPException(422, f"raw pixels must have shape N,{c},{h},{w}" + (f" or N,{h},{w}" if c == 1 else "")
+                                 + f" with N >= 1; got {text!r}")
+    return dims
+
+
+async def read_body(request: Request, input_shape: tuple[int, int, int], max_images: int) -> Body:
+    """Read the request and split it into payloads without decoding anything (cheap; runs on the event loop)."""
+    shape_text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if shape_text is not None:
+        shape = parse_shape(shape_text, input_shape)
+        if shape[0] > max_images:
+            raise HTTPException(413, f"{shape[0]} images in one request; the limit is {max_images}")
+        data = await request.body()
+        if len(data) != math.prod(shape):
+            raise HTTPException(422, f"raw pixels of shape {','.join(map(str, shape))} need {math.prod(shape):,} "
+                                     f"bytes; the body has {len(data):,}")
+        return Body(pixels=np.frombuffer(data, dtype=np.uint8).reshape(shape).copy())  # writable, as runtimes expect
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_images + 1)
+        files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if not files:
+            raise HTTPException(422, "multipart upload needs one or more 'file' fields")
+        payloads = [await f.read() for f in files]
+    elif ctype == "application/json":
+        return Body(json_text=await request.body())
+    else:
+        payloads = [await request.body()]
+    return Body(payloads=_checked(payloads, max_images))
+
+
+def _checked(payloads: list[bytes], max_images: int) -> list[bytes]:
+    if not payloads or not any(payloads):
+        raise HTTPException(422, "empty body: send an image (raw bytes, multipart 'file', JSON base64 or raw pixels)")
+    if len(payloads) > max_images:
+        raise HTTPException(413, f"{len(payloads)} images in one request; the limit is {max_images}")
+    return payloads
+
+
+def _json_payloads(text: bytes, max_images: int) -> list[bytes]:
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(422, f"malformed JSON ({e})")
+    if not isinstance(body, dict) or not ({"image", "images"} & set(body)):
+        raise HTTPException(422, 'JSON body must be {"image": "<base64>"} or {"images": ["<base64>", ...]}')
+    items = body.get("images", [body.get("image")])
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise HTTPException(422, "images must be base64 strings")
+    try:
+        payloads = [base64.b64decode(i, validate=True) for i in items]
+    except (binascii.Error, ValueError) as e:
+        raise HTTPException(422, f"invalid base64 ({e})")
+    return _checked(payloads, max_images)
+
+
+def decode_body(body: Body, input_shape: tuple[int, int, int], max_pixels: int, max_images: int) -> np.ndarray:
+    """Body → uint8 (N, C, H, W) in the model's shape (runs in the decode pool); raises HTTPException on bad input."""
+    if body.pixels is not None:
+        return body.pixels
+    payloads = body.payloads if body.payloads is not None else _json_payloads(body.json_text or b"", max_images)
+    try:
+        return np.stack([decode_array(p, input_shape, max_pixels) for p in payloads])
+    except ImageError as e:
+        raise HTTPException(e.status, str(e))

@@ -1,0 +1,73 @@
+"""POST /classify: admit or refuse the request (before its body is read or decoded), read and parse the body
+(event loop), decode it (thread pool; a single small image or raw pixels inline, cheaper than the hop), join the
+next forward pass (batcher), answer with orjson."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from ..batching import Overloaded
+from ..deps import loaded_service
+from ..inputs import SHAPE_HEADER, announced_images, cheap_to_decode, decode_body, read_body
+from ..schemas import ClassifyResponse, FastJSONResponse
+from ..service import Service, top_k
+
+router = APIRouter(tags=["classify"])
+
+REQUEST_BODY = {"requestBody": {"content": {
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": f"raw uint8 pixels N×C×H×W (or N×H×W) with the shape in the "
+                                                f"'{SHAPE_HEADER}' header or the 'shape' query parameter"},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "description": "base64"},
+        "images": {"type": "array", "items": {"type": "string"}}}}}}}}
+
+
+def _busy(e: Overloaded) -> HTTPException:
+    return HTTPException(503, f"server busy: {e}", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
+
+
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY)
+async def classify(request: Request, service: Service = Depends(loaded_service),
+                   top_k_: int = Query(3, alias="top_k", ge=1, le=1000, description="labels per image"),
+                   shape: str | None = Query(None, description="raw pixels: N,C,H,W or N,H,W (or the X-Shape header)")):
+    """Classify one or more images (PNG, JPEG, WebP, BMP; any size and mode): raw bytes, multipart ``file``
+    fields, JSON base64, or raw uint8 pixels with a shape. Images are converted to the model's channels and size
+    as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
+    start = time.perf_counter()
+    cfg, model, batcher = service.cfg, service.model, service.batcher
+    try:
+        ticket = batcher.admit(announced_images(request))  # before the body is read or decoded
+    except Overloaded as e:
+        service.metrics.rejected.inc()
+        raise _busy(e)
+    try:
+        body = await read_body(request, model.input_shape, cfg.max_images_per_request)
+        ticket.resize(body.images_hint)
+        service.metrics.queue_depth.set(batcher.pending_images)
+        decode_start = time.perf_counter()
+        if cheap_to_decode(body):
+            images = decode_body(body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+        else:
+            images = await asyncio.get_running_loop().run_in_executor(
+                service.decoder, decode_body, body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+        decoded = time.perf_counter()
+        batcher.observe_decode(len(images), decoded - decode_start)
+        result = await ticket.submit(images)
+    except Overloaded as e:
+        service.metrics.rejected.inc()
+        raise _busy(e)
+    finally:
+        ticket.release()
+        service.metrics.queue_depth.set(batcher.pending_images)
+    latency = time.perf_counter() - start
+    service.record(len(images), latency, decoded - start, result.queue_s, result.inference_s)
+    return FastJSONResponse({"model": service.model_card, "predictions": top_k(result.probs, model.classes, top_k_),
+                           "latency_ms": latency * 1e3, "decode_ms": (decoded - start) * 1e3,
+                           "queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3})

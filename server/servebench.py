@@ -1,0 +1,402 @@
+"""python -m server.servebench MODEL: the served path end to end, against the HTTP stack's own ceiling.
+
+Starts, in turn, the no-op ceiling app (``server.noop``), ``g2g-serve MODEL`` (sparse) and ``g2g-serve MODEL
+--variant dense``, each pinned to core 0 (``taskset``), and drives each with ``wrk`` pinned to core 1 at 1, 32
+and 256 connections with single-image and 64-image PNG requests. Then, against the sparse server, two scenarios
+that need per-status latencies (a small asyncio HTTP/1.1 client in this process, on core 1): 4x overload (256
+connections of 16-image requests) and ``/healthz`` while 64-image requests of 4000x4000 PNGs are decoded.
+Writes OUT/serving.json, OUT/serving.md (machine named, every target met or missed) and OUT/serving.png.
+Needs ``wrk`` (Debian: ``apt-get install wrk``). Loopback only; every server it starts is stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from g2gserve.bench.measure import Latency, machine_info
+from g2gserve.fileio import atomic_write_text
+
+CONNECTIONS = (1, 32, 256)
+KINDS = {"png1": 1, "png64": 64}  # scenario -> images per request
+BOUNDARY = "g2gservebench"
+WRK_LUA = """
+wrk.method = "POST"
+local f = assert(io.open(os.getenv("G2G_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("G2G_CTYPE")
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "mean_us": %f, '
+    .. '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\\n', summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+# ---------------------------------------------------------------------- request bodies
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _garment(seed: int, size: int = 28) -> np.ndarray:
+    """A test-like grey image: a bright blob on a dark background, with noise (no data set needed)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    blob = np.exp(-(((yy - 0.5) / 0.3) ** 2 + ((xx - 0.5) / rng.uniform(0.15, 0.35)) ** 2))
+    return np.clip(blob * 220 + rng.normal(0, 12, (size, size)), 0, 255).astype(np.uint8)
+
+
+def _multipart(pngs: list[bytes]) -> bytes:
+    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n" for i, png in enumerate(pngs)]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def bodies() -> dict[str, tuple[bytes, str]]:
+    """name -> (body, content type): single PNG, 64 PNGs, 16 PNGs (overload), 64 large (4000x4000) PNGs."""
+    small = [_png(_garment(i)) for i in range(64)]
+    large = [_png(np.kron(_garment(i, 40), np.ones((100, 100), np.uint8))) for i in range(4)] * 16  # few KB each
+    mp = f"multipart/form-data; boundary={BOUNDARY}"
+    return {"png1": (small[0], "image/png"), "png64": (_multipart(small), mp), "png16": (_multipart(small[:16]), mp),
+            "large64": (_multipart(large), mp)}
+
+
+# ---------------------------------------------------------------------- servers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+class Server:
+    """A server process pinned to core 0, stopped on exit; ``url`` once /readyz answers."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(_pin(0) + [sys.executable, "-m", *args, "--port", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "Server":
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self._log.name}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"server did not get ready; see {self._log.name}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+# ---------------------------------------------------------------------- load generators
+def run_wrk(url: str, body: Path, ctype: str, connections: int, seconds: float, lua: Path) -> dict:
+    cmd = _pin(1) + ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+                     "-s", str(lua), f"{url}/classify?top_k=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "G2G_BODY": str(body),
+                                                                       "G2G_CTYPE": ctype}, timeout=seconds + 60)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    r = json.loads(line[len("WRKJSON "):])
+    seconds_run = r["duration_us"] / 1e6
+    ok = r["requests"] - r["status"]
+    return {"requests": r["requests"], "seconds": seconds_run, "rps": r["requests"] / seconds_run,
+            "ok_rps": ok / seconds_run, "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "non_2xx": r["status"], "socket_errors": r["connect"] + r["read"] + r["write"] + r["timeout"]}
+
+
+async def _exchange(host: str, port: int, raw: bytes, conn: list) -> int:
+    """One request on a keep-alive connection (reopened when needed); returns the status (0: transport error)."""
+    for attempt in range(2):
+        try:
+            if not conn:
+                conn[:] = await asyncio.open_connection(host, port)
+            reader, writer = conn
+            writer.write(raw)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            if re.search(rb"(?i)\r\nconnection:\s*close", head):
+                writer.close()
+                conn.clear()
+            return status
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            conn.clear()
+            if attempt:
+                return 0
+    return 0
+
+
+def _raw(method: str, path: str, port: int, body: bytes = b"", ctype: str | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
+    return (head + (f"Content-Type: {ctype}\r\n" if ctype else "") + "\r\n").encode() + body
+
+
+async def _closed_loop(port: int, raw: bytes, connections: int, seconds: float) -> list[tuple[int, float]]:
+    """``connections`` clients, each sending ``raw`` back to back for ``seconds``: (status, latency) per request."""
+    out: list[tuple[int, float]] = []
+    end = time.perf_counter() + seconds
+
+    async def client():
+        conn: list = []
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            status = await _exchange("127.0.0.1", port, raw, conn)
+            out.append((status, time.perf_counter() - t))
+        if conn:
+            conn[1].close()
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return out
+
+
+def _lat(samples: list[float]) -> dict:
+    if not samples:
+        return {"count": 0}
+    lat = Latency.of(samples)
+    return {"count": len(samples), "p50_ms": lat.p50_ms, "p99_ms": lat.p99_ms}
+
+
+def overload(port: int, body: tuple[bytes, str], seconds: float, connections: int = 256) -> dict:
+    raw = _raw("POST", "/classify?top_k=1", port, *body)
+    results = asyncio.run(_closed_loop(port, raw, connections, seconds))
+    ok = [t for s, t in results if s == 200]
+    refused = [t for s, t in results if s == 503]
+    other = sum(1 for s, _ in results if s not in (200, 503))
+    after = asyncio.run(_closed_loop(port, _raw("POST", "/classify?top_k=1", port, *body), 1, 1.0))  # recovery
+    return {"connections": connections, "seconds": seconds, "accepted": _lat(ok), "refused": _lat(refused),
+            "other_status": other, "other_5xx": sum(1 for s, _ in results if s >= 500 and s != 503),
+            "transport_errors": sum(1 for s, _ in results if s == 0),
+            "after": {"statuses": sorted({s for s, _ in after}), **_lat([t for s, t in after if s == 200])}}
+
+
+def healthz_under_large(port: int, body: tuple[bytes, str], seconds: float) -> dict:
+    async def main():
+        heavy = asyncio.ensure_future(_closed_loop(port, _raw("POST", "/classify?top_k=1", port, *body), 1, seconds))
+        await asyncio.sleep(min(0.5, seconds / 4))
+        probe = await _closed_loop(port, _raw("GET", "/healthz", port), 1, seconds * 0.75)
+        return await heavy, probe
+    heavy, probe = asyncio.run(main())
+    return {"large_requests": _lat([t for s, t in heavy if s == 200]),
+            "large_statuses": sorted({s for s, _ in heavy}),
+            "healthz": _lat([t for s, t in probe if s == 200])}
+
+
+# ---------------------------------------------------------------------- the run
+def measure(model: Path, backend: str, seconds: float, connections: tuple[int, ...], workdir: Path,
+            log=print) -> dict:
+    lua = workdir / "post.lua"
+    lua.write_text(WRK_LUA)
+    payloads = bodies()
+    for name, (data, _) in payloads.items():
+        (workdir / name).write_bytes(data)
+    serve = ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
+             "--no-calibrate", "--log-level", "warning"]
+    servers = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"]}
+    cells, extra = [], {}
+    for name, args in servers.items():
+        with Server(args, workdir / f"{name}.log") as srv:
+            for kind, images in KINDS.items():
+                path, ctype = workdir / kind, payloads[kind][1]
+                run_wrk(srv.url, path, ctype, 1, min(1.0, seconds), lua)  # warm-up
+                for c in connections:
+                    r = run_wrk(srv.url, path, ctype, c, seconds, lua)
+                    r |= {"server": name, "kind": kind, "images": images, "connections": c,
+                          "images_per_s": r["ok_rps"] * images}
+                    cells.append(r)
+                    log(f"{name:<8} {kind:<6} c={c:<4} {r['rps']:9.0f} req/s  {r['images_per_s']:9.0f} img/s  "
+                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']}")
+            if name == "sparse":
+                extra["overload"] = overload(srv.port, payloads["png16"], seconds)
+                log(f"overload: {json.dumps(extra['overload'])}")
+                extra["healthz"] = healthz_under_large(srv.port, payloads["large64"], max(2.0, seconds))
+                log(f"healthz under large images: {json.dumps(extra['healthz'])}")
+    return {"cells": cells, **extra}
+
+
+def _cell(cells: list[dict], server: str, kind: str, c: int) -> dict | None:
+    return next((r for r in cells if (r["server"], r["kind"], r["connections"]) == (server, kind, c)), None)
+
+
+def targets(result: dict) -> list[dict]:
+    """The targets of issue 12, each with what was measured and whether it is met."""
+    cells, out = result["cells"], []
+
+    def add(name, ok, measured):
+        out.append({"target": name, "met": bool(ok), "measured": measured})
+    s32, c32 = _cell(cells, "sparse", "png1", 32), _cell(cells, "ceiling", "png1", 32)
+    if s32 and c32:
+        ratio = s32["ok_rps"] / c32["rps"]
+        add("32 connections, single PNG: >= 50% of the no-op ceiling", ratio >= 0.5, f"{ratio:.0%}")
+    s1, c1 = _cell(cells, "sparse", "png1", 1), _cell(cells, "ceiling", "png1", 1)
+    if s1 and c1:
+        extra = s1["p50_ms"] - c1["p50_ms"]
+        add("1 connection: p50 <= ceiling p50 + 0.5 ms", extra <= 0.5,
+            f"{s1['p50_ms']:.2f} ms vs {c1['p50_ms']:.2f} ms (+{extra:.2f} ms)")
+    best = {v: max((r["images_per_s"] for r in cells if r["server"] == v and r["kind"] == "png64"), default=0)
+            for v in ("sparse", "dense")}
+    if best["dense"]:
+        ratio = best["sparse"] / best["dense"]
+        add("64-image requests: sparse >= 1.5x dense images/s (best over connection counts)", ratio >= 1.5,
+            f"{best['sparse']:,.0f} vs {best['dense']:,.0f} img/s ({ratio:.2f}x)")
+    o = result.get("overload")
+    if o:
+        rp99 = o["refused"].get("p99_ms")
+        add("overload: refused requests answered in p99 <= 50 ms", rp99 is not None and rp99 <= 50,
+            f"{rp99:.1f} ms over {o['refused']['count']} refusals" if rp99 is not None else "no request was refused")
+        a = o["accepted"]
+        add("overload: accepted p99 <= 10x their p50", a.get("count") and a["p99_ms"] <= 10 * a["p50_ms"],
+            f"p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms" if a.get("count") else "nothing accepted")
+        add("overload: no 5xx but the deliberate 503s, no transport errors",
+            o["other_5xx"] == 0 and o["transport_errors"] == 0,
+            f"{o['other_5xx']} other 5xx, {o['transport_errors']} transport errors")
+        add("overload: the server recovers at once (next requests all 200)", o["after"]["statuses"] == [200],
+            f"statuses {o['after']['statuses']}, p50 {o['after'].get('p50_ms', float('nan')):.2f} ms")
+    h = result.get("healthz")
+    if h and h["healthz"].get("count"):
+        add("64 large images in flight: /healthz p99 <= 20 ms", h["healthz"]["p99_ms"] <= 20,
+            f"p99 {h['healthz']['p99_ms']:.2f} ms over {h['healthz']['count']} probes")
+    return out
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Serving end to end", "",
+             "Generated by `" + result["command"] + "`; do not edit by hand.", "",
+             f"Machine: {m['cpu']} ({m['isa']}, {m['cores']} cores). Server pinned to core 0, load generator "
+             f"(wrk {result['wrk']}; the asyncio client for overload and /healthz) on core 1"
+             + ("" if result["pinned"] else " — **not pinned** (taskset missing or a single core)") + ". "
+             f"Model `{result['model']}`, backend `{result['backend']}`, 1 intra-op thread, 1 decode thread, "
+             f"{result['seconds']:g} s per cell. Ceiling: the same FastAPI + uvicorn stack whose /classify only "
+             "reads the body (`python -m server.noop`).", "",
+             "## Targets (issue 12)", "", "| target | measured | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "## wrk: req/s, images/s, latency", "",
+              "`png1`: one 28x28 PNG as `image/png`; `png64`: 64 of them as multipart. images/s counts answered "
+              "(2xx) requests only; non-2xx are 503 refusals (queue deadline / queue full).", "",
+              "| server | request | connections | req/s | images/s | p50 (ms) | p99 (ms) | non-2xx | vs ceiling req/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["cells"]:
+        ceil = _cell(result["cells"], "ceiling", r["kind"], r["connections"])
+        ratio = f"{r['ok_rps'] / ceil['rps']:.0%}" if ceil and r["server"] != "ceiling" else ""
+        lines.append(f"| {r['server']} | {r['kind']} | {r['connections']} | {r['rps']:,.0f} | {r['images_per_s']:,.0f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} | {ratio} |")
+    lines += ["", "Sparse vs dense, end to end (answered images/s):", "", "| request | connections | sparse | dense | sparse/dense |",
+              "|---|---|---|---|---|"]
+    for kind in KINDS:
+        for c in result["connections"]:
+            s, d = _cell(result["cells"], "sparse", kind, c), _cell(result["cells"], "dense", kind, c)
+            if s and d and d["images_per_s"]:
+                lines.append(f"| {kind} | {c} | {s['images_per_s']:,.0f} | {d['images_per_s']:,.0f} | "
+                             f"{s['images_per_s'] / d['images_per_s']:.2f}x |")
+    o, h = result.get("overload"), result.get("healthz")
+    if o:
+        lines += ["", f"Overload (sparse server): {o['connections']} connections of 16-image multipart requests for "
+                      f"{o['seconds']:g} s: accepted {o['accepted'].get('count', 0)} (p50 "
+                      f"{o['accepted'].get('p50_ms', float('nan')):.1f} ms, p99 {o['accepted'].get('p99_ms', float('nan')):.1f} ms), "
+                      f"refused {o['refused'].get('count', 0)} (p50 {o['refused'].get('p50_ms', float('nan')):.1f} ms, "
+                      f"p99 {o['refused'].get('p99_ms', float('nan')):.1f} ms), other statuses {o['other_status']}, "
+                      f"transport errors {o['transport_errors']}."]
+    if h:
+        lines += ["", f"/healthz while one client sends 64 PNGs of 4000x4000 per request (sparse server): "
+                      f"{h['healthz'].get('count', 0)} probes, p50 {h['healthz'].get('p50_ms', float('nan')):.2f} ms, "
+                      f"p99 {h['healthz'].get('p99_ms', float('nan')):.2f} ms; the large requests took p50 "
+                      f"{h['large_requests'].get('p50_ms', float('nan')):.0f} ms (statuses {h['large_statuses']})."]
+    lines += ["", "![serving](serving.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    from g2gserve.plotting import plt, save_png
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind, key, label in ((axes[0], "png1", "ok_rps", "answered req/s"),
+                                 (axes[1], "png64", "images_per_s", "answered images/s")):
+        for server, style in (("ceiling", "k^--"), ("sparse", "o-"), ("dense", "s-")):
+            rs = [r for r in result["cells"] if r["server"] == server and r["kind"] == kind]
+            if rs:
+                ax.plot([r["connections"] for r in rs], [r[key] if server != "ceiling" else r["rps"] * r["images"]
+                                                         for r in rs], style, label=server)
+        ax.set(xscale="log", xlabel="connections", ylabel=label, title=f"{kind}: {label}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m server.servebench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", type=Path, help="export directory (g2g-export)")
+    p.add_argument("--backend", default="fused", help="backend of the sparse and dense servers")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds per cell (wrk needs whole seconds)")
+    p.add_argument("--connections", default=",".join(map(str, CONNECTIONS)), help="comma-separated")
+    p.add_argument("--out", type=Path, default=Path("docs"), help="writes serving.json, serving.md, serving.png here")
+    args = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("servebench: wrk is not installed; on Debian/Ubuntu: sudo apt-get install -y wrk", file=sys.stderr)
+        return 2
+    if not args.model.is_dir():
+        p.error(f"{args.model}: not an export directory (run g2g-export first)")
+    connections = tuple(int(c) for c in args.connections.split(",") if c)
+    pinned = bool(_pin(1))
+    if pinned:
+        os.sched_setaffinity(0, {1})  # this process is a load generator too (overload, /healthz)
+    wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0].split(" [")[0]
+    with tempfile.TemporaryDirectory(prefix="servebench-") as tmp:
+        try:
+            result = measure(args.model, args.backend, args.seconds, connections, Path(tmp))
+        except RuntimeError as e:
+            print(f"servebench: error: {e}", file=sys.stderr)
+            return 1
+    result |= {"command": "python -m server.servebench " + " ".join(argv), "machine": machine_info(),
+               "model": str(args.model), "backend": args.backend, "seconds": args.seconds, "connections": connections,
+               "pinned": pinned, "wrk": wrk_version, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result["targets"] = targets(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "serving.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out / "serving.md", markdown(result))
+    plot(result, args.out / "serving.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""What the endpoints share: the loaded model, the batcher, the decode pool, metrics, live figures, calibration."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from g2gserve.bench.measure import Latency, peak_memory, sparse_vs_dense
+from g2gserve.fileio import atomic_write_text
+from g2gserve.runtime import load
+
+from .batching import MicroBatcher
+from .metrics import Metrics
+from .settings import ServeConfig
+
+CALIBRATION_FILE = "calibration.json"  # in ServeConfig.shared_dir: the one calibration all workers report
+LIVE_WINDOW = 10_000  # requests kept for /stats' live figures
+
+
+def _model_version(manifest: dict) -> str:
+    sha = manifest.get("source", {}).get("sha256") or manifest.get("files", {}).get("weights.safetensors", {}).get("sha256")
+    return sha[:12] if sha else "in-memory"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    """Per row, the ``k`` most probable classes, most probable first (numpy: no torch needed)."""
+    k = min(k, probs.shape[1])
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    vals = np.take_along_axis(probs, idx, axis=1)
+    out = []
+    for row_vals, row_idx in zip(vals.tolist(), idx.tolist()):
+        top = [{"class_id": i, "label": classes[i], "probability": v} for v, i in zip(row_vals, row_idx)]
+        out.append({**top[0], "top_k": top})
+    return out
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.model = None
+        self.batcher: MicroBatcher | None = None
+        self.decode_threads = cfg.decode_threads or usable_cores()
+        self.decoder = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="g2g-decode")
+        self.metrics = Metrics(cfg.max_batch)
+        self.ready = False
+        # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
+        self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
+        self._calibration: dict = {"status": "pending"}
+        self._calibration_lock = threading.Lock()
+
+    # -------------------------------------------------------------- start-up
+    def _load(self, variant: str):
+        cfg = self.cfg
+        return load(cfg.model, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict(images), dtype=np.float32)
+
+    def load(self) -> None:
+        """Load and warm up the model (in a worker thread, before the server reports ready)."""
+        if self.cfg.threads and self.cfg.backend == "torch":
+            import torch  # only the torch backend needs it
+            torch.set_num_threads(self.cfg.threads)
+        self.model = self._load(self.cfg.variant)
+        warm = np.zeros((self.cfg.max_batch, *self.model.input_shape), dtype=np.uint8)
+        self.warmup = []
+        for n in (1, self.cfg.max_batch, 1, self.cfg.max_batch):  # the second round is timed: the cost model's seed
+            t = time.perf_counter()
+            self.predict(warm[:n])
+            self.warmup.append((n, time.perf_counter() - t))
+        m = self.model
+        self.metrics.model_info.labels(m.name, _model_version(m.manifest), m.backend, str(m.device), self.cfg.variant,
+                                       ",".join(l["format"] for l in m.manifest["layers"])).set(1)
+
+    def make_batcher(self) -> MicroBatcher:
+        cfg = self.cfg
+        self.batcher = MicroBatcher(self.predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
+                                    self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3,
+                                    decode_workers=self.decode_threads)
+        for n, seconds in self.warmup[2:]:
+            self.batcher.cost.observe(n, seconds)
+        return self.batcher
+
+    @property
+    def model_card(self) -> dict:
+        m = self.model
+        return {"name": m.name, "version": _model_version(m.manifest), "backend": m.backend, "device": str(m.device),
+                "variant": self.cfg.variant}
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.inference_latency.observe(seconds)
+
+    def record(self, images: int, latency: float, decode: float, queue: float, inference: float) -> None:
+        self.metrics.request_latency.observe(latency)
+        self.metrics.decode_latency.observe(decode)
+        self.live.append((time.perf_counter(), images, latency, decode, queue, inference))
+
+    def close(self) -> None:
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    # -------------------------------------------------------------- calibration
+    @property
+    def _shared_file(self) -> Path | None:
+        return Path(self.cfg.shared_dir) / CALIBRATION_FILE if self.cfg.shared_dir else None
+
+    def claims_startup_calibration(self) -> bool:
+        """With several workers only the first to claim it measures at start-up; the others report its result."""
+        if self._shared_file is None:
+            return True
+        try:
+            os.close(os.open(self._shared_file.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    @property
+    def calibration(self) -> dict:
+        shared = self._shared_file
+        if shared is not None and shared.exists():
+            try:
+                return json.loads(shared.read_text())
+            except ValueError:  # replaced atomically, so only a foreign file can be unreadable
+                pass
+        return self._calibration
+
+    def _publish(self, result: dict) -> None:
+        self._calibration = result
+        if self._shared_file is not None:
+            atomic_write_text(self._shared_file, json.dumps(result))
+
+    def run_calibration(self) -> dict:
+        """Time sparse vs dense at batch 1 and max batch with g2g-bench's measurement, weights and peak RSS."""
+        with self._calibration_lock:  # one at a time: a second request waits, then measures afresh
+            self._publish({"status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+            try:
+                self._publish(self._measure())
+            except Exception as e:  # noqa: BLE001 - reported in /stats, never takes the server down
+                self._publish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        return self._calibration
+
+    def _measure(self) -> dict[str, Any]:
+        cfg, served = self.cfg, self.model
+        models = {v: served if v == cfg.variant else self._load(v) for v in ("sparse", "dense")}
+        batches = sorted({1, cfg.max_batch})
+        device = served.device if cfg.backend == "torch" else None
+        rows = sparse_vs_dense({cfg.backend: (models["sparse"], models["dense"])}, batches, cfg.calibration_seconds,
+                               device=device)
+        del models
+        timing = {f"batch_{r['batch']}": {"sparse_p50_ms": r["sparse"]["p50_ms"], "dense_p50_ms": r["dense"]["p50_ms"],
+                                          "sparse_p99_ms": r["sparse"]["p99_ms"], "dense_p99_ms": r["dense"]["p99_ms"],
+                                          "speedup": r["speedup"]} for r in rows}
+        sizes = served.manifest["sizes"]
+        result: dict[str, Any] = {
+            "status": "done", "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
+            "threads": cfg.threads or 1, "latency": timing,
+            "weights": {"sparse_bytes": sizes["stored_weight_bytes"], "dense_bytes": sizes["dense_weight_bytes"],
+                        "ratio": sizes["stored_weight_bytes"] / sizes["dense_weight_bytes"]},
+        }
+        if cfg.memory_probe:
+            mem = {v: peak_memory(cfg.model, cfg.backend, v, cfg.max_batch, str(served.device), cfg.threads or 1)
+                   for v in ("sparse", "dense")}
+            result["resident_memory"] = {"sparse_peak_bytes": mem["sparse"]["vmhwm_bytes"],
+                                         "dense_peak_bytes": mem["dense"]["vmhwm_bytes"],
+                                         "saving_bytes": mem["dense"]["vmhwm_bytes"] - mem["sparse"]["vmhwm_bytes"]}
+        b1, bm = timing["batch_1"], timing[f"batch_{cfg.max_batch}"]
+        result["summary"] = (
+            f"on this machine the sparse model is {b1['speedup']:.2f}x as fast as its dense twin at batch 1 and "
+            f"{bm['speedup']:.2f}x at batch {cfg.max_batch}, and stores {result['weights']['ratio']:.2f}x the "
+            f"weight bytes" + (f"; a fresh process serving it peaks {result['resident_memory']['saving_bytes'] / 2**20:.1f}"
+                               f" MiB lower" if "resident_memory" in result else ""))
+        return result
+
+    # -------------------------------------------------------------- live figures
+    def live_stats(self) -> dict:
+        """End-to-end figures of the requests served (in this process), next to the forward passes they needed."""
+        data = list(self.live)
+        if not data:
+            return {"requests": 0}
+        arr = np.array(data)
+
+        def pct(col: int) -> dict:
+            lat = Latency.of(arr[:, col].tolist())
+            return {"p50": lat.p50_ms, "p95": lat.p95_ms, "p99": lat.p99_ms}
+        span = arr[-1, 0] - arr[0, 0]
+        images = int(arr[:, 1].sum())
+        out = {"requests": len(data), "images": images,
+               "latency_ms": pct(2), "decode_ms": pct(3), "queue_ms": pct(4), "inference_ms": pct(5),
+               "note": "latency is end to end inside the server (body read, decode, queue, forward pass, answer); "
+                       "inference is the batched forward pass the request was part of"}
+        if span > 0 and len(data) > 1:
+            out["throughput"] = {"requests_per_s": float((len(data) - 1) / span),
+                                 "images_per_s": float((images - arr[0, 1]) / span)}
+        return out

@@ -1,0 +1,48 @@
+"""All of the server's settings in one dataclass: the CLI builds it, ``create_app`` takes it, workers get it as JSON."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from g2gserve.data.images import DEFAULT_MAX_PIXELS
+
+CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    backend: str = "torch"
+    device: str = "auto"
+    variant: str = "sparse"  # or "dense": serve the dense twin of the same export (for end-to-end comparisons)
+    max_batch: int = 32
+    max_wait_ms: float = 2.0  # upper bound on waiting for admitted requests that are still decoding; never a fixed cost
+    max_queue_ms: float = 200.0  # a request whose estimated queueing exceeds this is answered 503 at once
+    max_queue_images: int = 512
+    max_body_bytes: int = 10 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_images_per_request: int = 64
+    threads: int | None = None
+    decode_threads: int | None = None  # None: one per core this process may run on
+    calibrate: bool = True  # time sparse vs dense at start-up (in the background)
+    calibration_seconds: float = 1.0
+    memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
+    shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
+            raise ValueError("need max_batch >= 1, max_wait_ms >= 0 and max_queue_images >= max_batch")
+        if self.max_queue_ms <= 0:
+            raise ValueError("max_queue_ms must be positive")
+        if self.variant not in ("sparse", "dense"):
+            raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ValueError("decode_threads must be at least 1")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "ServeConfig":
+        return cls(**json.loads(os.environ[CONFIG_ENV]))

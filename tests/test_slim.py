@@ -1,0 +1,100 @@
+"""Serving without torch (issue 18) and without onnx/training code: checked in fresh subprocesses.
+
+These tests need no torch themselves except to make the export, so the same file runs in the slim
+``[serve]``-only venv (``make test-slim``), where the export, images and the torch backend's answers come
+from ``G2G_SLIM_EXPORT`` (made by ``tests/tiny_export.py`` in the full venv).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+
+PROBE = """
+import json, sys
+import numpy as np
+from g2gserve.runtime import load
+images = np.load(sys.argv[2])
+out = {}
+for backend in sys.argv[3].split(","):
+    m = load(sys.argv[1], backend=backend)
+    probs = m.predict(images)
+    assert isinstance(probs, np.ndarray) and probs.dtype == np.float32, type(probs)
+    out[backend] = probs.tolist()
+heavy = ("torch", "onnx", "g2gserve.data.datasets", "training", "g2gserve.export")
+out["imported"] = sorted(m for m in heavy if sys.modules.get(m) is not None)
+print(json.dumps(out))
+"""
+
+
+def _run(code: str, *args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def export_and_images(tmp_path_factory):
+    """An export of a small block-sparse model and real-ish images (the conftest's class-bar images)."""
+    if os.environ.get("G2G_SLIM_EXPORT"):  # made by tests/tiny_export.py in the full venv
+        export = Path(os.environ["G2G_SLIM_EXPORT"])
+        return export, export.parent / "images.npy", np.load(export.parent / "expected.npy")
+    d = tmp_path_factory.mktemp("slim")
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    np.save(d / "images.npy", images)
+    pytest.importorskip("torch")
+    from g2gserve.export import export_checkpoint
+    from test_export import _checkpoint
+    _, _, path = _checkpoint(d, granularity="block")
+    export_checkpoint(path, d / "exp")
+    from g2gserve.runtime import load
+    return d / "exp", d / "images.npy", load(d / "exp", backend="torch").predict(images)
+
+
+def test_onnxruntime_and_fused_serve_without_torch(export_and_images):
+    export, images, expected = export_and_images
+    out = _run(BLOCK_TORCH + PROBE, export, images, "onnxruntime,fused")
+    assert out["imported"] == []  # no torch, no onnx, no training data code, no exporter
+    for backend in ("onnxruntime", "fused"):  # the torch backend's answers
+        assert np.allclose(out[backend], expected, atol=1e-5), backend
+        assert (np.argmax(out[backend], 1) == expected.argmax(1)).all()
+
+
+def test_torch_backend_imports_neither_onnx_nor_training_code(export_and_images):
+    pytest.importorskip("torch")
+    export, images, expected = export_and_images
+    out = _run(PROBE, export, images, "torch")
+    assert out["imported"] == ["torch"]
+    assert np.allclose(out["torch"], expected, atol=1e-6)
+
+
+def test_a_missing_backend_dependency_is_named(export_and_images):
+    export, images, _ = export_and_images
+    code = ("import sys; sys.modules['numba'] = None\nfrom g2gserve.runtime import load\n"
+            "try:\n    load(sys.argv[1], backend='fused')\nexcept ImportError as e:\n"
+            "    import json; print(json.dumps({'error': str(e)}))\n")
+    assert "the fused backend needs numba" in _run(code, export)["error"]
+    code = code.replace("'numba'", "'torch'").replace("'fused'", "'torch'")
+    assert "the torch backend needs torch" in _run(code, export)["error"]
+
+
+def test_import_g2gserve_is_light():
+    out = _run(BLOCK_TORCH + "import sys, json, g2gserve, g2gserve.bundle, g2gserve.formats\n"
+               "print(json.dumps({'version': g2gserve.__version__}))")
+    assert out["version"]
+
+
+def test_the_server_imports_neither_onnx_nor_training_code():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("torch", reason="server.app still imports torch (the server's part of issue 18)")
+    out = _run("import sys, json, server.app, server.cli\n"
+               "heavy = ('onnx', 'g2gserve.data.datasets', 'training', 'g2gserve.export')\n"
+               "print(json.dumps({'imported': [m for m in heavy if sys.modules.get(m) is not None]}))")
+    assert out["imported"] == []
