@@ -8,6 +8,7 @@ layers (auth, error model, timeouts) go in one place.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -21,18 +22,26 @@ from .settings import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "app_from_env"]
 
+log = logging.getLogger("uvicorn.error")
+
 
 def _lifespan(service: Service):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(service.load)
-        service.make_batcher().start()
+        failed = await service.repository.load_all()
+        for problem in failed:
+            log.error("g2g-serve: not served: %s", problem)
+        if service.model is None:
+            default = service.cfg.default_model
+            why = failed or [f"the default model {default!r} is not in the repository" if default
+                             else "the repository holds no model"]
+            raise RuntimeError("no model to serve: " + "; ".join(why))
         service.ready = True
         calibrate = service.cfg.calibrate and service.claims_startup_calibration()
         calibration = asyncio.create_task(asyncio.to_thread(service.run_calibration)) if calibrate else None
         yield
         service.ready = False
-        await service.batcher.drain()  # let in-flight requests finish
+        await service.repository.close()  # let in-flight requests finish
         if calibration is not None:
             await calibration
         service.close()

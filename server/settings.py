@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from g2gserve.data.images import DEFAULT_MAX_PIXELS
 
 CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
+ADMIN_TOKEN_ENV = "G2G_ADMIN_TOKEN"  # the default of --admin-token (keeps the token out of the process list)
 
 
 @dataclass
@@ -29,8 +30,13 @@ class ServeConfig:
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
     shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
+    model_repository: str | None = None  # DIR/<name>/<version>/ export directories, instead of one ``model``
+    default_model: str | None = None  # the repository model /classify, /model and /stats use (default: first by name)
+    admin_token: str | None = None  # load/unload need "Authorization: Bearer <token>"; refused without one
 
     def __post_init__(self) -> None:
+        if bool(self.model) == bool(self.model_repository):
+            raise ValueError("serve one model (an export directory or model.pt) or a --model-repository, not both")
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
             raise ValueError("need max_batch >= 1, max_wait_ms >= 0 and max_queue_images >= max_batch")
         if self.max_queue_ms <= 0:
@@ -39,6 +45,10 @@ class ServeConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError("decode_threads must be at least 1")
+
+    def public(self) -> dict:
+        """The settings as /stats shows them: secrets left out."""
+        return {**asdict(self), "admin_token": "(set)" if self.admin_token else None}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -2,7 +2,6 @@
 the protocol's error answers, and the page at / in a real browser (headless Chromium)."""
 import asyncio
 import base64
-import gc
 import json
 import shutil
 import socket
@@ -26,6 +25,7 @@ from g2gserve.model.checkpoint import from_model, save_checkpoint  # noqa: E402
 from g2gserve.model.g2gnet import build_model  # noqa: E402
 from g2gserve.runtime import load  # noqa: E402
 from server.oip.browser import chromium_paths, classify_on_page, headless_chromium  # noqa: E402
+from server.app import ServeConfig, create_app  # noqa: E402
 from server.oip.protocol import OIPError, parse_infer_request  # noqa: E402
 
 from conftest import _images, tiny_config  # noqa: E402
@@ -88,35 +88,9 @@ def _serve(app):
     return url, server, thread
 
 
-def _app(model_repository, max_wait_ms=2.0, max_batch=32):
-    """Phase 1 harness: the v2 router over a repository (to be replaced by create_app)."""
-    from contextlib import asynccontextmanager
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from fastapi import FastAPI
-
-    from server.batching import MicroBatcher
-    from server.oip.repository import ModelRepository
-    from server.oip.router import V2Settings, build_router
-
-    def prepare(path):
-        m = load(path)
-        m.predict(np.zeros((max_batch, 1, 28, 28), dtype=np.uint8))
-        return m, MicroBatcher(m.predict, max_batch, max_wait_ms / 1e3, 512)
-
-    repo = ModelRepository(prepare, root=Path(model_repository))
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await repo.load_all()
-        yield
-        await repo.close()
-
-    app = FastAPI(lifespan=lifespan)
-    app.state.service = SimpleNamespace(repository=repo)
-    app.include_router(build_router(lambda: repo, V2Settings(admin_token=TOKEN)))
-    return app
+def _app(model_repository, **kw):
+    return create_app(ServeConfig(model="", model_repository=str(model_repository), device="cpu",
+                                  calibration_seconds=0.05, memory_probe=False, admin_token=TOKEN, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +191,9 @@ def test_binary_request_parsing_checks_sizes():
 def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
     root = tmp_path / "repo"
     shutil.copytree(repo / "repo", root)
-    app = _app(root, max_wait_ms=1, max_batch=8)
+    # admission sheds load when the queue would take over --max-queue-ms; on this shared 2-core machine that can
+    # happen without any swap, so the limit is lifted here: what is measured is whether the swap refuses requests
+    app = _app(root, max_wait_ms=1, max_batch=8, max_queue_ms=10_000)
     url, server, thread = _serve(app)
     try:
         admin = {"authorization": f"Bearer {TOKEN}"}
@@ -254,8 +230,7 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
         assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
         assert versions[0][1] == "1" and versions[-1][1] == "2"
         assert {v for sent, v in versions if sent > swap_done} == {"2"}  # every request after the swap: version 2
-        gc.collect()
-        assert old() is None, "the old version's model is still referenced after the swap"
+        assert old() is None, "the old version's model is still referenced after the swap"  # freed without a gc pass
         index = httpx.post(f"{url}/v2/repository/index").json()
         assert [(r["version"], r["state"]) for r in index] == [("1", "UNAVAILABLE"), ("2", "READY")]
         expected = np.asarray(load(root / "fmnist" / "2").predict(images[:1]))

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 PIXELS = "images"
 ENCODED = "image_bytes"
@@ -98,8 +98,8 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryvi
     if not head:
         raise OIPError(400, "empty request body: send a v2 inference request (JSON)")
     try:
-        request = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
         raise OIPError(400, f"malformed JSON in the inference request ({e})")
     if not isinstance(request, dict):
         raise OIPError(400, "the inference request must be a JSON object")
@@ -264,11 +264,11 @@ def encode_infer_response(request: InferRequest, model_name: str, model_version:
         labels = [[f"{float(probs[i, j])!r}:{j}:{classes[j]}" for j in row] for i, row in enumerate(order)]
         out |= {"datatype": "BYTES", "shape": [len(probs), k]}
         raw = _bytes_tensor([s.encode() for row in labels for s in row]) if request.output.binary else None
-        data: list = [s for row in labels for s in row]
+        data: Any = [s for row in labels for s in row]
     else:
         out |= {"datatype": "FP32", "shape": list(probs.shape)}
         raw = probs.tobytes() if request.output.binary else None
-        data = probs.ravel().tolist()
+        data = probs.ravel()
     if raw is None:
         out["data"] = data
     else:
@@ -278,7 +278,7 @@ def encode_infer_response(request: InferRequest, model_name: str, model_version:
         response["id"] = request.id
     if parameters:
         response["parameters"] = parameters
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if raw is None:
         return head, {"content-type": "application/json"}
     return head + raw, {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}

@@ -4,43 +4,38 @@
 highest one is served (Triton's default "latest" policy). A single export directory (or ``model.pt``) is a
 repository of one model, version 1. Loading a model that already serves another version is a *swap*: the new version
 is loaded and warmed up (both batch sizes the batcher uses) while the old one keeps answering, then new
-requests go to the new one, and the old one is drained (requests already holding it finish) and dropped.
+requests go to the new one, and the old one is drained (requests admitted into it finish) and dropped.
 """
 from __future__ import annotations
 
 import asyncio
-import gc
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol
+from typing import Callable, Protocol
 
-from contextlib import asynccontextmanager
-
-from g2gserve.export import ExportError, read_export
 from g2gserve.runtime import InferenceModel
 
 from .protocol import OIPError
 
 
 class Batcher(Protocol):
-    """What the repository needs of server.batching.MicroBatcher."""
+    """What the repository needs of server.batching.MicroBatcher. A request admitted into a batcher holds it:
+    ``drain`` returns once every admitted request is answered."""
 
     def start(self) -> None: ...
-    async def submit(self, images): ...
     async def drain(self, timeout: float = 30.0) -> None: ...
 
 
 @dataclass
 class Served:
-    """One loaded version: its model, its batcher, and the requests currently holding it."""
+    """One loaded version: its model and its batcher."""
 
     name: str
     version: str
     path: Path
     model: InferenceModel
     batcher: Batcher
-    inflight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def discover(root: Path) -> dict[str, dict[str, Path]]:
@@ -54,20 +49,31 @@ def discover(root: Path) -> dict[str, dict[str, Path]]:
     return found
 
 
+def _single_name(path: Path) -> str:
+    """The name a lone export directory (its manifest's) or model.pt (as runtime.load names it) is served under."""
+    if path.is_dir():
+        try:
+            name = json.loads((path / "manifest.json").read_text()).get("name")
+        except (OSError, ValueError, AttributeError):  # loading it will say what is wrong
+            name = None
+        return name if isinstance(name, str) and name else path.name
+    return path.parent.name or path.stem
+
+
 def latest(versions: dict[str, Path]) -> str:
     return max(versions, key=int)
 
 
 class ModelRepository:
-    """Models by name: discovery, load (or swap), unload, and a per-request hold on the served version."""
+    """Models by name: discovery, load (or swap), unload."""
 
     def __init__(self, prepare: Callable[[Path], tuple[InferenceModel, Batcher]], root: Path | None = None,
-                 single: Path | None = None):
+                 single: Path | None = None, retired: Callable[[Served], None] | None = None):
         """``prepare(export_dir)`` loads and warms a model and makes its (not yet started) batcher; it runs in a
-        worker thread while the served version keeps answering."""
+        worker thread while the served version keeps answering. ``retired(served)`` is told of a drained version."""
         if (root is None) == (single is None):
             raise ValueError("give a repository directory or a single export directory")
-        self.prepare = prepare
+        self.prepare, self.retired = prepare, retired
         self.root, self.single = root, single
         self.served: dict[str, Served] = {}
         self.state: dict[tuple[str, str], tuple[str, str]] = {}  # (name, version) -> (state, reason) when not plain
@@ -77,11 +83,8 @@ class ModelRepository:
     # -------------------------------------------------------------- what is on disk
     def available(self) -> dict[str, dict[str, Path]]:
         if self.single is not None:
-            if self._single_name is None:  # read_export checks every file's sha256: once
-                if self.single.is_dir():
-                    self._single_name = read_export(self.single)[1].get("name") or self.single.name
-                else:  # a model.pt, exported in memory under the name runtime.load gives it
-                    self._single_name = self.single.parent.name or self.single.stem
+            if self._single_name is None:
+                self._single_name = _single_name(self.single)
             return {self._single_name: {"1": self.single}}
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such model repository")
@@ -117,21 +120,8 @@ class ModelRepository:
     def _on_disk(self, name: str) -> bool:
         try:
             return name in self.available()
-        except (FileNotFoundError, ExportError):
+        except OSError:
             return False
-
-    @asynccontextmanager
-    async def hold(self, name: str, version: str | None = None) -> AsyncIterator[Served]:
-        """Use the served version for one request; a swap drains it only after every holder is done."""
-        served = self.get(name, version)
-        served.inflight += 1
-        served.idle.clear()
-        try:
-            yield served
-        finally:
-            served.inflight -= 1
-            if served.inflight == 0:
-                served.idle.set()
 
     # -------------------------------------------------------------- load / swap / unload
     def _lock(self, name: str) -> asyncio.Lock:
@@ -155,7 +145,6 @@ class ModelRepository:
                 raise OIPError(400, f"model {name!r} version {version} cannot be loaded: {e}") from e
             batcher.start()
             new = Served(name, version, versions[version], model, batcher)
-            new.idle.set()
             self.served[name] = new  # from here on, new requests hold the new version
             del self.state[name, version]
             if current is not None:
@@ -177,14 +166,12 @@ class ModelRepository:
             finally:
                 self.state[name, current.version] = ("UNAVAILABLE", "unloaded")
 
-    async def _retire(self, old: Served, timeout: float = 60.0) -> None:
-        """Wait for the requests holding ``old``, stop its batcher and let its memory go."""
-        try:
-            await asyncio.wait_for(old.idle.wait(), timeout)
-        finally:
-            await old.batcher.drain()
-            old.model = old.batcher = None  # type: ignore[assignment]
-            await asyncio.to_thread(gc.collect)
+    async def _retire(self, old: Served) -> None:
+        """Drain ``old``: requests admitted into its batcher before the switch finish there; then let it go."""
+        await old.batcher.drain()
+        if self.retired is not None:
+            self.retired(old)
+        old.model = old.batcher = None  # type: ignore[assignment]  # the last reference: freed now, no gc pause
 
     async def load_all(self) -> list[str]:
         """Load every model at start-up; one that fails is left UNAVAILABLE with its reason (see the index)."""

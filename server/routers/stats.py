@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
-
 from fastapi import APIRouter, Depends
 
 from ..deps import get_service, loaded_service
@@ -16,7 +14,7 @@ router = APIRouter(tags=["stats"])
 async def stats(service: Service = Depends(get_service)):
     """Model level: the sparse model against its dense twin (calibration). End to end: the requests served."""
     return {"model": service.model_card if service.model else None, "calibration": service.calibration,
-            "live": service.live_stats(), "config": asdict(service.cfg)}
+            "live": service.live_stats(), "config": service.cfg.public()}
 
 
 @router.post("/stats/calibrate")
