@@ -275,3 +275,23 @@ def test_page_classifies_an_uploaded_image_in_chromium(server_url, repo, images,
         assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()
+
+
+def test_cli_takes_one_model_or_a_repository(tmp_path, repo, capsys):
+    from fastapi.testclient import TestClient
+
+    from server.cli import main
+    for argv in ([], [str(repo / "repo" / "fmnist" / "1"), "--model-repository", str(repo / "repo")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert main(["--model-repository", str(tmp_path)]) == 2
+    assert "no model in the repository" in capsys.readouterr().err
+    # one export directory is a repository of one model, named as in its manifest, version 1
+    single = repo / "repo" / "fmnist" / "1"
+    name = json.loads((single / "manifest.json").read_text())["name"]
+    with TestClient(create_app(ServeConfig(model=str(single), calibrate=False))) as c:
+        assert c.get(f"/v2/models/{name}/versions/1/ready").status_code == 200
+        assert c.post("/v2/repository/models/x/load").json()["error"].startswith("loading and unloading models is "
+                                                                                 "disabled")
+        assert c.get("/stats").json()["config"]["admin_token"] is None
