@@ -24,7 +24,7 @@ from g2gserve.export import export_checkpoint  # noqa: E402
 from g2gserve.model.checkpoint import from_model, save_checkpoint  # noqa: E402
 from g2gserve.model.g2gnet import build_model  # noqa: E402
 from g2gserve.runtime import load  # noqa: E402
-from server.oip.browser import chromium_paths, classify_on_page, headless_chromium  # noqa: E402
+from server.oip.browser import chromium_paths, classify_on_page, headless_chromium, open_page  # noqa: E402
 from server.app import ServeConfig, create_app  # noqa: E402
 from server.oip.protocol import OIPError, parse_infer_request  # noqa: E402
 
@@ -269,7 +269,8 @@ def test_page_classifies_an_uploaded_image_in_chromium(server_url, repo, images,
     expected = CLASSES[int(np.asarray(load(repo / "repo" / "fmnist" / "1").predict(images[2:3])).argmax())]
     driver = headless_chromium(tmp_path / "profile")
     try:
-        assert classify_on_page(driver, server_url, png) == expected
+        open_page(driver, server_url)
+        assert classify_on_page(driver, png) == expected
         assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .row")) == 5
         assert "ms in the server" in driver.find_element(By.ID, "latency").text
         assert driver.find_element(By.ID, "error").text == ""

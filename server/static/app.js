@@ -93,6 +93,9 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]);
 });
-$("file").addEventListener("change", (e) => { if (e.target.files.length) classify(e.target.files[0]); });
+$("file").addEventListener("change", (e) => {
+  if (e.target.files.length) classify(e.target.files[0]);
+  e.target.value = "";  // picking the same file again classifies it again
+});
 loadModels().catch((e) => { $("error").textContent = String(e); });
 loadSavings().catch(() => { $("savings").textContent = "/stats is not available"; });
