@@ -174,6 +174,10 @@ def test_v2_errors_are_4xx_with_an_error_field(server_url):
     bad = {"authorization": "Bearer wrong"}
     assert httpx.post(f"{server_url}/v2/repository/models/fmnist/load", headers=bad).status_code == 401
     assert httpx.get(f"{server_url}/v2/models/fmnist/ready").status_code == 200  # still served
+    assert httpx.post(url, json={"inputs": [ok]}).status_code == 200
+    metrics = httpx.get(f"{server_url}/metrics").text  # the same metrics as /classify, by route template
+    assert 'g2g_errors_total{path="/v2/models/{name}/infer",status="415"}' in metrics
+    assert 'g2g_requests_total{path="/v2/models/{name}/infer",status="200"}' in metrics
 
 
 def test_binary_request_parsing_checks_sizes():
