@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test test-slim gpu-check clean oip-screenshot
+.PHONY: install demo test test-slim serve-bench gpu-check clean oip-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ $(SLIM_VENV)/.installed: pyproject.toml
 test-slim: install $(SLIM_VENV)/.installed
 	$(PY) tests/tiny_export.py runs/slim
 	G2G_SLIM_EXPORT=runs/slim/export PYTHONPATH=$(CURDIR) $(SLIM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_slim.py
+
+# The served path end to end (docs/serving.md): the no-op ceiling, the sparse and the dense server in turn, pinned
+# to core 0, driven by wrk on core 1. Needs wrk (sudo apt-get install -y wrk) and an export (make demo).
+SERVE_SECONDS ?= 10
+serve-bench: install
+	@command -v wrk > /dev/null || { echo "serve-bench needs wrk: sudo apt-get install -y wrk"; exit 2; }
+	$(PY) -m server.servebench $(MODEL) --seconds $(SERVE_SECONDS) --out docs
 
 # The CUDA checks, for a machine with a GPU: the CUDA tests (and the rest of the suite), real Fashion-MNIST
 # training on CUDA, side-by-side epoch times, and g2g-bench on CUDA. Runs with any Python that already has

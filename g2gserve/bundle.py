@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         b = read_bundle(args.check)
     except ExportError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.check}: valid g2gserve export (format version {EXPORT_VERSION}, "
           f"{len(b.packed.layers)} hidden layers: {', '.join(l.format for l in b.packed.layers)})")

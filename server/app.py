@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .admission import AdmissionGate
 from .limits import BodyLimitMiddleware
 from .metrics import RequestCounter
 from .routers import ROUTERS
@@ -52,6 +53,7 @@ def _middleware(app: FastAPI, service: Service) -> None:
     """Every middleware and exception handler of the app (outermost last)."""
     known_paths = {r.path for routes in (app.routes, *(r.routes for r in ROUTERS)) for r in routes
                    if hasattr(r, "path")}  # other paths are counted as "other"
+    app.add_middleware(AdmissionGate, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.cfg.max_body_bytes)
     app.add_middleware(RequestCounter, metrics=service.metrics, known_paths=known_paths)
 

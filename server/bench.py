@@ -13,6 +13,7 @@ from tqdm import tqdm
 from g2gserve.bench.measure import (CHUNK_SECONDS, Latency, interleaved, machine_info, ort_node_profile,
                                     pairwise_speedup, peak_memory, pin_threads, sparse_vs_dense)
 from g2gserve.model.config import ModelConfig
+from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.bundle import read_bundle
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
@@ -60,9 +61,12 @@ def bench_model(path: Path, backends: list[str], batches: list[int], device: str
     mem = []
     if memory:
         for backend in tqdm(backends, desc="memory", unit="backend"):
-            for variant in ("sparse", "dense"):
-                m = peak_memory(str(path), backend, variant, max(batches), device, threads)
-                mem.append({"backend": backend, "variant": variant, "batch": max(batches), **m})
+            # slim: the same backend in a process where torch cannot be imported ([serve]-only install);
+            # an export directory only (reading a model.pt needs torch)
+            for slim in (False, True) if backend in SLIM_BACKENDS and device == "cpu" and path.is_dir() else (False,):
+                for variant in ("sparse", "dense"):
+                    m = peak_memory(str(path), backend, variant, max(batches), device, threads, slim=slim)
+                    mem.append({"backend": backend, "variant": variant, "batch": max(batches), **m})
     sizes = dict(manifest.get("sizes", {})) | _onnx_bytes(path, manifest)
     return {"model": str(path), "layers": [{k: l[k] for k in ("name", "format", "density")} for l in manifest["layers"]],
             "runs": runs, "best": best, "memory": mem, "sizes": sizes}
@@ -132,10 +136,11 @@ def markdown(result: dict) -> str:
                   f"{sz['stored_weight_bytes'] / sz['dense_weight_bytes']:.3f}x |",
                   f"| ONNX file | {sz['model_onnx_bytes']:,} B | {sz['dense_onnx_bytes']:,} B | "
                   f"{sz['model_onnx_bytes'] / sz['dense_onnx_bytes']:.3f}x |"]
-        by = {(r["backend"], r["variant"]): r for r in result["memory"]}
-        for backend in dict.fromkeys(r["backend"] for r in result["memory"]):
-            s, d = by[backend, "sparse"], by[backend, "dense"]
-            lines.append(f"| peak RSS, fresh process, {backend}, batch {s['batch']} | {s['vmhwm_bytes'] / 2**20:.1f} MiB | "
+        by = {(r["backend"], r.get("slim", False), r["variant"]): r for r in result["memory"]}
+        for backend, slim in dict.fromkeys((r["backend"], r.get("slim", False)) for r in result["memory"]):
+            s, d = by[backend, slim, "sparse"], by[backend, slim, "dense"]
+            mode = f"{backend}, slim (no torch)" if slim else backend
+            lines.append(f"| peak RSS, fresh process, {mode}, batch {s['batch']} | {s['vmhwm_bytes'] / 2**20:.1f} MiB | "
                          f"{d['vmhwm_bytes'] / 2**20:.1f} MiB | {s['vmhwm_bytes'] / d['vmhwm_bytes']:.3f}x |")
             if "cuda_max_allocated_bytes" in s:
                 lines.append(f"| CUDA max allocated, {backend} | {s['cuda_max_allocated_bytes']:,} B | "

@@ -13,6 +13,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -31,6 +32,11 @@ class Body:
     pixels: np.ndarray | None = None
 
     @property
+    def encoded_bytes(self) -> int:
+        """Bytes of encoded images (0 for raw pixels and JSON, whose size says little before unpacking)."""
+        return sum(map(len, self.payloads)) if self.payloads is not None else 0
+
+    @property
     def images_hint(self) -> int:
         """Images known before decoding (for admission); a JSON body counts as one until it is unpacked."""
         if self.pixels is not None:
@@ -41,13 +47,23 @@ class Body:
 INLINE_PIXELS = 128 * 128  # one image at most this large is decoded on the event loop (cheaper than a thread hop)
 
 
-def announced_images(request: Request) -> int:
-    """Images a request says it carries before its body is read (raw pixels: N of the shape; otherwise 1)."""
-    text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
-    try:
-        return max(1, int(text.replace("x", ",").split(",")[0])) if text else 1
-    except ValueError:
-        return 1  # parse_shape answers 422 later
+def announced_images_from_headers(headers: dict[str, str], query: str, bytes_per_image: float = 0.0) -> int:
+    """Images a request carries, guessed before its body is read, for admission: N of a raw-pixel shape (header or
+    query); for several-image bodies (multipart, JSON) Content-Length over the bytes per image seen so far; else 1.
+    ``headers`` with lower-case names; ``query`` the raw query string."""
+    text = headers.get(SHAPE_HEADER)
+    if text is None and "shape=" in query:
+        text = parse_qs(query).get("shape", [""])[0]
+    if text:
+        try:
+            return max(1, int(text.replace("x", ",").split(",")[0]))
+        except ValueError:
+            return 1  # parse_shape answers 422 later
+    ctype = headers.get("content-type", "")
+    length = headers.get("content-length", "")
+    if bytes_per_image > 0 and length.isdigit() and ctype.startswith(("multipart/", "application/json")):
+        return max(1, int(int(length) / bytes_per_image))
+    return 1
 
 
 def cheap_to_decode(body: Body) -> bool:

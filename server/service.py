@@ -39,6 +39,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _yield_to_event_loop() -> None:
+    """Run this (decode) thread at a lower priority, so that on a busy core the event loop gets the CPU at once
+    when a request arrives: a long decode never delays /healthz or admission (Linux: per-thread nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     """Per row, the ``k`` most probable classes, most probable first (numpy: no torch needed)."""
     k = min(k, probs.shape[1])
@@ -59,12 +68,14 @@ class Service:
                                           **({"root": Path(cfg.model_repository)} if cfg.model_repository
                                              else {"single": Path(cfg.model)}))
         self.decode_threads = cfg.decode_threads or usable_cores()
-        self.decoder = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="g2g-decode")
+        self.decoder = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="g2g-decode",
+                                          initializer=_yield_to_event_loop)
         self.metrics = Metrics(cfg.max_batch)
         self.started = False  # the lifespan has loaded the models (and not begun shutting down)
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
         self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
+        self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
 
     # -------------------------------------------------------------- the served models
@@ -146,6 +157,11 @@ class Service:
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
         self.metrics.inference_latency.observe(seconds)
+
+    def observe_body(self, body) -> None:
+        if body.payloads is not None and len(body.payloads) > 1:
+            size = body.encoded_bytes / len(body.payloads)
+            self.bytes_per_image = size if self.bytes_per_image == 0 else 0.9 * self.bytes_per_image + 0.1 * size
 
     def record(self, images: int, latency: float, decode: float, queue: float, inference: float) -> None:
         self.metrics.request_latency.observe(latency)

@@ -20,7 +20,7 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 2.0  # upper bound on waiting for admitted requests that are still decoding; never a fixed cost
     max_queue_ms: float = 200.0  # a request whose estimated queueing exceeds this is answered 503 at once
-    max_queue_images: int = 512
+    max_queue_images: int = 4096  # a memory bound (decoded images are small); the time bound is max_queue_ms
     max_body_bytes: int = 10 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 64

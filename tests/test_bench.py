@@ -47,6 +47,10 @@ def test_memory_probe_runs_in_a_fresh_process(tmp_path):
     _, _, path = _checkpoint(tmp_path, granularity="block")
     m = peak_memory(str(path), "torch", "sparse", 4)
     assert m["vmhwm_bytes"] > 50 * 2**20  # a real process with torch loaded, not the parent's number
+    export_checkpoint(path, tmp_path / "exp")
+    slim = peak_memory(str(tmp_path / "exp"), "onnxruntime", "sparse", 4, slim=True)
+    assert slim["slim"] and not slim["torch_imported"] and m["torch_imported"]
+    assert slim["vmhwm_bytes"] < m["vmhwm_bytes"]  # without torch: how big is not the point, only that it is gone
 
 
 def test_cli_writes_json_table_and_plot(tmp_path, capsys):

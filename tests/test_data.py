@@ -93,3 +93,11 @@ def test_preprocess_fit_matches_numpy(npz_dir):
     assert abs(float(y.mean())) < 1e-3
     with pytest.raises(ValueError, match="expected images of shape"):
         pre(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+
+
+def test_rank_shards_make_up_the_single_process_batches(npz_dir):
+    data = load_split("cifar10", "train", npz_dir)  # 192 images: batches of 50 leave a last batch of 42
+    whole = list(batches(data, 50, torch.Generator().manual_seed(3), augment=True))
+    shards = [list(batches(data, 50, torch.Generator().manual_seed(3), augment=True, rank=r, world=3)) for r in range(3)]
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), x) and torch.equal(torch.cat([s[i][1] for s in shards]), y)

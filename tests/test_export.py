@@ -212,6 +212,10 @@ def test_manifest_round_trips_through_its_schema(tmp_path):
     schema = json_schema()["$defs"]["Manifest"]
     assert set(schema["required"]) <= set(raw) and set(raw) <= set(schema["properties"])
     assert read_bundle(d).packed.unit_orders[1].shape == (64,)
+    from g2gserve.bundle import main as bundle_main
+    assert bundle_main(["--check", str(d)]) == 0
+    _flip_byte(d / "dense.onnx")
+    assert bundle_main(["--check", str(d)]) == 1
 
 
 def test_disagreeing_artifacts_refuse_to_write(tmp_path, monkeypatch):

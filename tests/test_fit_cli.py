@@ -99,3 +99,30 @@ def test_help_explains(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--resume" in out and "mixer" in out and "Debian" in out and "(default: 256)" in out
+
+
+def test_train_api_stores_its_config_and_resume_compares_configs(idx_dir, tmp_path, capsys):
+    from training.config import TrainConfig
+    from training.train import train
+
+    cfg = TrainConfig(data_dir=idx_dir, out=tmp_path / "api", hidden=(64, 64), groups=4, block_size=8,
+                      batch_size=32, epochs=2, stop_after=1, progress=False, device="cpu", augment=True)
+    ckpt = train(cfg)
+    assert len(ckpt.history) == 1 and ckpt.meta["train_config"] == cfg.to_dict()
+    assert ckpt.meta["train_config"]["augment"] is True and ckpt.meta["world_size"] == 1
+    _, saved = load_model(tmp_path / "api" / "model.pt")
+    assert saved.meta["train_config"]["hidden"] == [64, 64]
+    # Typing the saved value again is no conflict (configs are compared, not argv); a new value is.
+    assert main(["--out", str(tmp_path / "api"), "--resume", "--data-dir", str(idx_dir), "--hidden", "64,64",
+                 "--augment", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "api"), "--resume", "--no-augment"])
+    assert "--augment False (saved run: True)" in capsys.readouterr().err
+
+
+def test_augment_default_comes_from_the_dataset_registry():
+    from training.config import TrainConfig
+
+    assert TrainConfig(dataset="cifar10").augment is True and TrainConfig().augment is False
+    assert TrainConfig(dataset="cifar10", augment=False).augment is False

@@ -25,3 +25,57 @@ def test_cells_table_missing_and_resume(idx_dir, tmp_path):
     assert main(common) == 0  # the cell's run is complete on disk: resumed, not retrained
     assert (tmp_path / "results" / cells[0]).exists()
     assert "resuming" in (tmp_path / "cells" / "fashion-mnist" / "dense" / "seed0" / "fit.log").read_text()
+
+
+def test_paired_statistics_match_the_t_table():
+    from training.stats import paired, t_quantile
+
+    # Two-sided 95% critical values of Student's t (any statistics table).
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)):
+        assert abs(t_quantile(0.975, df) - t) < 1e-3
+    stats = paired({0: 1.0, 1: 2.0, 2: 3.5, 7: 0.0}, {0: 0.5, 1: 1.9, 2: 2.0})  # seed 7 has no partner
+    assert stats.n == 3 and abs(stats.mean - 0.7) < 1e-12
+    assert abs(stats.p - 0.2347) < 1e-3  # t = 1.681 on 2 degrees of freedom
+    assert stats.ci95[0] < 0 < stats.ci95[1] and "p = 0.235 (n = 3)" in stats.describe()
+    assert paired({0: 1.0}, {1: 1.0}) is None and paired({0: 1.0}, {0: 0.5}).ci95 is None
+
+
+def test_regime_points_dedupe_and_fit_their_blocks():
+    from training.reproduce import AXES, regime_cells, regime_points, study_point
+
+    assert study_point("g2g-block-hebbian", AXES["groups"][2]("16")) == (("block-size", "32"), ("groups", "16"))
+    assert study_point("dense", AXES["sparsity"][2]("0.9375")) == ()  # dense ignores sparsity and G
+    assert dict(study_point("er", AXES["sparsity"][2]("0.9375"))) == {"sparsity": "0.9375"}
+    points = regime_points(["epochs", "sparsity"], {}, epochs=20)
+    assert points["epochs"]["20"] == {} and points["sparsity"]["0.9375"] == {"sparsity": "0.9375", "groups": "16"}
+    cells = regime_cells(points, ["cifar10"], {"cifar10": 1}, ["dense", "g2g-mixer-hebbian"])
+    # dense: baseline + 100 epochs (sparsity is ignored); g2g: baseline, 100 epochs, 3 other sparsities
+    assert len(cells) == 2 + 5 and len({c.key for c in cells}) == len(cells)
+
+
+def test_regime_study_table_plots_and_a_real_cell(idx_dir, tmp_path):
+    common = ["--study", "regimes", "--datasets", "fashion-mnist", "--fmnist-dir", str(idx_dir), "--epochs", "1",
+              "--configs", "dense,g2g-mixer-hebbian", "--axes", "sparsity", "--axis-values", "sparsity=0.75,0.5",
+              "--fit-args", "--hidden 64,64 --groups 4 --block-size 8 --batch-size 64 --dst-interval 2",
+              "--cells-dir", str(tmp_path / "cells"), "--results-dir", str(tmp_path / "results"),
+              "--out", str(tmp_path / "regimes.md")]
+    assert main([*common, "--seeds", "1", "--jobs", "2"]) == 0  # 3 cells: dense ignores the sparsity
+    results = {p.name: json.loads(p.read_text()) for p in (tmp_path / "results").iterdir()}
+    assert sorted(results) == ["fashion-mnist__dense__seed0.json", "fashion-mnist__g2g-mixer-hebbian__seed0.json",
+                               "fashion-mnist__g2g-mixer-hebbian__sparsity=0.5__seed0.json"]
+    half = results["fashion-mnist__g2g-mixer-hebbian__sparsity=0.5__seed0.json"]
+    assert "--dst-interval 2 --sparsity 0.5 " in half["command"] and 0.45 < half["density"] < 0.55
+    # Made-up accuracies for 3 seeds, so the table has paired statistics: G2G ahead at 75%, behind at 50%.
+    offset = {"dense__": 0.0, "hebbian__seed": 0.01, "hebbian__sparsity": -0.02}
+    for name, r in results.items():
+        shift = next(v for k, v in offset.items() if k in name)
+        for seed in (0, 1, 2):
+            fake = r | {"seed": seed, "test_acc": 0.8 + 0.003 * seed + shift * (1 + 0.1 * seed)}
+            (tmp_path / "results" / name.replace("seed0", f"seed{seed}")).write_text(json.dumps(fake))
+    (tmp_path / "results" / "fashion-mnist__g2g-mixer-hebbian__sparsity=0.5__seed2.json").unlink()
+    assert main([*common, "--seeds", "3", "--table-only"]) == 0
+    table = (tmp_path / "regimes.md").read_text()
+    assert "| Δ g2g-mixer-hebbian − dense |" in table and "(n = 2)" in table and "(n = 3)" in table
+    assert "- G2G ahead: fashion-mnist sparsity=0.75" in table
+    assert "- dense ahead: fashion-mnist sparsity=0.5" in table and "Missing cells (1)" in table
+    assert (tmp_path / "regimes" / "sparsity.png").stat().st_size > 1000

@@ -227,13 +227,54 @@ def test_onnxruntime_server_runs_where_torch_cannot_be_imported(export_dir):
             "try:\n    import g2gserve.runtime\nexcept ImportError:\n    print('RUNTIME-NEEDS-TORCH'); sys.exit(0)\n"
             "from fastapi.testclient import TestClient\n"
             "from server.app import ServeConfig, create_app\n"
-            "import test_server\n"
+            "import io, numpy as np\nfrom PIL import Image\n"  # not test_server: it imports torch
+            "png = io.BytesIO()\n"
+            "Image.fromarray(np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)).save(png, 'PNG')\n"
             f"cfg = ServeConfig(model={str(export_dir)!r}, backend='onnxruntime', calibrate=False)\n"
             "with TestClient(create_app(cfg)) as c:\n"
-            "    r = c.post('/classify?top_k=10', content=test_server._png(5))\n"
+            "    r = c.post('/classify?top_k=10', content=png.getvalue())\n"
             "    print(r.status_code, r.json()['predictions'][0]['class_id'])\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     if "RUNTIME-NEEDS-TORCH" in proc.stdout:
         pytest.skip("g2gserve.runtime still imports torch (the slim runtime of issue 18 is not in this tree yet)")
     assert proc.returncode == 0 and proc.stdout.startswith("200"), proc.stderr[-2000:]
+
+
+def test_admission_reservations_are_released_whatever_the_answer(export_dir):
+    app = _app(export_dir, calibrate=False)
+    with TestClient(app) as c:
+        batcher = app.state.service.batcher
+        assert c.post("/classify?top_k=0", content=_png()).status_code == 422  # refused before the endpoint runs
+        assert c.post("/classify", content=b"junk").status_code == 415
+        assert c.post("/classify", content=b"\0", headers={"x-shape": "2,28,28"}).status_code == 422
+        assert c.post("/classify", content=_png()).status_code == 200
+        assert batcher.pending_images == 0 and batcher._decoding == 0
+
+
+def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, monkeypatch, capsys):
+    from server import servebench
+    monkeypatch.setattr(servebench.shutil, "which", lambda name: None)
+    assert servebench.main([str(tmp_path)]) == 2 and "apt-get install -y wrk" in capsys.readouterr().err
+    cell = dict(rps=1000.0, ok_rps=1000.0, p50_ms=1.0, p99_ms=5.0, non_2xx=0, images_per_s=1000.0)
+    cells = [dict(cell, server=s, kind=k, connections=c, images=n,
+                  rps=cell["rps"] * (2 if s == "ceiling" else 1), ok_rps=cell["rps"] * (2 if s == "ceiling" else 1),
+                  images_per_s=n * 1000.0 * (1 if s != "dense" else 0.5))
+             for s in ("ceiling", "sparse", "dense") for k, n in servebench.KINDS.items() for c in (1, 32)]
+    lat = lambda p50, p99: {"count": 10, "p50_ms": p50, "p99_ms": p99}  # noqa: E731
+    result = {"cells": cells, "connections": (1, 32), "command": "python -m server.servebench X", "model": "X",
+              "backend": "fused", "seconds": 1, "pinned": True, "wrk": "wrk 4.1",
+              "machine": {"cpu": "Test CPU", "isa": "AVX2", "cores": 2},
+              "overload": {"connections": 256, "seconds": 1, "accepted": lat(10, 200), "refused": lat(1, 2),
+                           "other_status": 0, "other_5xx": 0, "transport_errors": 0, "after": {"statuses": [200], **lat(1, 1)}},
+              "healthz": {"healthz": lat(0.2, 30), "large_requests": lat(900, 900), "large_statuses": [200]}}
+    result["targets"] = servebench.targets(result)
+    verdict = {t["target"].split(":")[0]: t["met"] for t in result["targets"]}
+    overload = {t["target"]: t["met"] for t in result["targets"] if t["target"].startswith("overload")}
+    assert verdict["32 connections, single PNG"] is True  # 50% of the ceiling
+    assert verdict["1 connection"] is True and verdict["64-image requests (png64)"] is True
+    assert [met for name, met in overload.items() if "accepted p99" in name] == [False]  # 200 ms > 10 x 10 ms
+    assert sum(overload.values()) == 3  # refusals fast, no other 5xx, recovery
+    assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
+    page = servebench.markdown(result)
+    assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page

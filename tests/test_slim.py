@@ -91,10 +91,37 @@ def test_import_g2gserve_is_light():
     assert out["version"]
 
 
-def test_the_server_imports_neither_onnx_nor_training_code():
+SERVE = """
+import io, json, sys
+import numpy as np
+from PIL import Image
+from fastapi.testclient import TestClient
+from server.app import ServeConfig, create_app
+images = np.load(sys.argv[2])
+pngs = []
+for image in images:
+    buf = io.BytesIO()
+    Image.fromarray(image[0]).save(buf, "PNG")
+    pngs.append(("file", (f"{len(pngs)}.png", buf.getvalue(), "image/png")))
+out = {}
+for backend in sys.argv[3].split(","):
+    cfg = ServeConfig(model=sys.argv[1], backend=backend, calibrate=False)
+    with TestClient(create_app(cfg)) as client:
+        r = client.post("/classify?top_k=1000", files=pngs)
+        assert r.status_code == 200, r.text
+        rows = [{t["class_id"]: t["probability"] for t in p["top_k"]} for p in r.json()["predictions"]]
+        out[backend] = [[row[c] for c in range(len(row))] for row in rows]
+heavy = ("torch", "onnx", "g2gserve.data.datasets", "training", "g2gserve.export")
+out["imported"] = sorted(m for m in heavy if sys.modules.get(m) is not None)
+print(json.dumps(out))
+"""
+
+
+def test_the_server_classifies_without_torch_like_the_torch_backend(export_and_images):
+    """Issue 18: g2g-serve with onnxruntime and fused where torch cannot be imported, real PNG uploads."""
     pytest.importorskip("fastapi")
-    pytest.importorskip("torch", reason="server.app still imports torch (the server's part of issue 18)")
-    out = _run("import sys, json, server.app, server.cli\n"
-               "heavy = ('onnx', 'g2gserve.data.datasets', 'training', 'g2gserve.export')\n"
-               "print(json.dumps({'imported': [m for m in heavy if sys.modules.get(m) is not None]}))")
+    export, images, expected = export_and_images
+    out = _run(BLOCK_TORCH + SERVE, export, images, "onnxruntime,fused")
     assert out["imported"] == []
+    for backend in ("onnxruntime", "fused"):
+        assert np.allclose(out[backend], expected, atol=1e-5), backend

@@ -18,6 +18,7 @@ import torch
 from g2gserve.model.masks import from_tile_mask, tile_order, to_tiles
 from g2gserve.model.g2gnet import G2GNet, hidden_masks
 
+from .distributed import SINGLE, World
 from .hebbian import HebbianTracker
 
 PRUNE = ("magnitude", "random", "hebbian", "mixed")
@@ -76,8 +77,9 @@ def _select(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor
 class MaskScheduler:
     """Prune-and-regrow updates for the sparse layers of a G2GNet, driven by optimizer steps."""
 
-    def __init__(self, model: G2GNet, optimizer: torch.optim.Optimizer, cfg: DSTConfig, total_steps: int, seed: int = 0):
-        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+    def __init__(self, model: G2GNet, optimizer: torch.optim.Optimizer, cfg: DSTConfig, total_steps: int, seed: int = 0,
+                 world: World = SINGLE):
+        self.model, self.optimizer, self.cfg, self.world = model, optimizer, cfg, world
         self.total_steps, self.seed = total_steps, seed
         self.layers = model.sparse_layers()
         if not self.layers:
@@ -156,8 +158,21 @@ class MaskScheduler:
             return x
         return to_tiles(x.float(), self.orders[k + 1], self.orders[k], self.block).sum((2, 3))
 
+    def _share_scores(self) -> None:
+        """Under torchrun: sum each rank's Hebbian statistics and average its RigL gradients, so every
+        rank scores with the whole global batch and takes the same decision as a single process would."""
+        if self.world.size == 1:
+            return
+        if self.tracker is not None:
+            self.tracker.sum_over(self.world)
+        grads = [g for g in self._grads if g is not None]
+        self.world.sum_(*grads)
+        for g in grads:
+            g.div_(self.world.size)
+
     @torch.no_grad()
     def update(self) -> None:
+        self._share_scores()
         frac = self.fraction_at(self.step)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         for k, layer in enumerate(self.layers):
@@ -185,6 +200,8 @@ class MaskScheduler:
                 new_mask = new_live
             else:
                 new_mask = from_tile_mask(new_live, self.orders[k + 1], self.orders[k], self.block)
+            if not self.world.same_everywhere(new_mask):
+                raise RuntimeError(f"DST step {self.step}: hidden.{k}'s new mask differs between ranks")
             changed = new_mask ^ layer.mask
             layer.mask.copy_(new_mask)
             layer.weight[changed] = 0.0  # pruned: gone; regrown: start at zero
@@ -204,12 +221,12 @@ class MaskScheduler:
     # ------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {"step": self.step, "records": self.records, "config": self.cfg.to_dict(),
-                "tracker": None if self.tracker is None else self.tracker.state_dict()}
+                "tracker": None if self.tracker is None else self.tracker.state_dict(self.world)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.records = int(state["step"]), list(state["records"])
         if self.tracker is not None and state.get("tracker") is not None:
-            self.tracker.load_state_dict(state["tracker"])
+            self.tracker.load_state_dict(state["tracker"], self.world)
         self._want_grad = self._is_update(self.step + 1)
 
     def remove(self) -> None:

@@ -15,13 +15,13 @@ import sys
 import torch
 
 from g2gserve.model.config import ModelConfig
-from g2gserve.data.datasets import DATASETS, load_split, needs_augmentation
+from g2gserve.data.datasets import DATASETS, dataset_info, load_split
 from g2gserve.model.g2gnet import build_model
 from g2gserve.data.preprocess import Preprocess
 
-from .fit import DATASET_SHAPES
+from .distributed import resolve_device
 from .dst import PRESETS, DSTConfig, MaskScheduler
-from .loop import cosine_lambda, epoch_generator, resolve_device, train_epoch
+from .loop import cosine_lambda, epoch_generator, train_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     train = load_split(args.dataset, "train", args.data_dir)
     pre = Preprocess.fit(train.x)
-    c, size, classes = DATASET_SHAPES[args.dataset]
-    base = ModelConfig(in_channels=c, image_size=size, num_classes=classes, granularity=args.granularity)
+    train = train.to(device)
+    info = dataset_info(args.dataset)
+    base = ModelConfig(in_channels=info.channels, image_size=info.image_size, num_classes=info.num_classes,
+                       granularity=args.granularity)
     runs = {}
     steps = -(-len(train) // args.batch_size) * (args.repeats + 1)
     for name in args.models.split(","):
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats + 1):  # rep 0 is warm-up
         for kind, (model, opt, sched, times) in runs.items():
             stats = train_epoch(model, train, pre, opt, sched, args.batch_size, epoch_generator(0, rep),
-                                needs_augmentation(args.dataset), device, desc=f"{kind} epoch {rep}")
+                                info.augment, device, desc=f"{kind} epoch {rep}")
             if rep:
                 times.append(stats["train_time_s"])
             print(f"{kind:<14} {'warm-up' if rep == 0 else f'epoch {rep}'}  {stats['train_time_s']:.2f}s", flush=True)

@@ -60,12 +60,28 @@ class HebbianTracker:
         for h in self._handles:
             h.remove()
 
-    def state_dict(self) -> dict:
-        return {"corr": self.corr, "post_sq": self.post_sq, "pre_sq": self.pre_sq, "batches": self.batches,
+    def _stats(self) -> list[torch.Tensor]:
+        return [*self.corr, *self.post_sq, *self.pre_sq]
+
+    def sum_over(self, world) -> None:
+        """Sum the statistics over torchrun's ranks (each saw its shard): they then hold the global
+        batch's EMAs, since every update is linear in the batch sums."""
+        world.sum_(*self._stats())
+
+    def state_dict(self, world=None) -> dict:
+        """The global statistics (summed over ranks when ``world`` has several; every rank must call)."""
+        stats = [t.clone() for t in self._stats()]
+        if world is not None:
+            world.sum_(*stats)
+        n = len(self.layers)
+        return {"corr": stats[:n], "post_sq": stats[n:2 * n], "pre_sq": stats[2 * n:], "batches": self.batches,
                 "active": self.active}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, world=None) -> None:
+        """Load global statistics; under torchrun only rank 0 keeps them (the others start from zero),
+        so the sum over ranks at the next update is right again."""
+        keep = world is None or world.rank == 0
         for name in ("corr", "post_sq", "pre_sq"):
             for dst, src in zip(getattr(self, name), state[name]):
-                dst.copy_(src)
+                dst.copy_(src) if keep else dst.zero_()
         self.batches, self.active = int(state["batches"]), bool(state["active"])

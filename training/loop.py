@@ -11,16 +11,7 @@ from tqdm import tqdm
 from g2gserve.data.datasets import ImageSet, batches
 from g2gserve.data.preprocess import Preprocess
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
+from .distributed import SINGLE, World
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -34,40 +25,48 @@ def cosine_lambda(total_steps: int):
 
 def train_epoch(model, data: ImageSet, preprocess: Preprocess, optimizer, scheduler, batch_size: int,
                 generator: torch.Generator, augment: bool, device: torch.device, desc: str = "train",
-                progress: bool = True, step_hook=None) -> dict:
-    """Train one epoch; returns mean loss, accuracy and wall time. ``step_hook(step)`` runs after each step."""
+                progress: bool = True, world: World = SINGLE) -> dict:
+    """Train one epoch; returns mean loss, accuracy and wall time over the whole (global) epoch.
+
+    ``batch_size`` is the global batch; in a ``world`` of several ranks this one trains on its shard of each
+    (``model`` is then DDP, which averages gradients over ranks). The loss is summed and divided by
+    the global batch size times ``1/world``, so the averaged gradient is exactly the single-process one,
+    even for a last batch that does not split evenly. The only host-device synchronisation is at the end.
+    """
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
-    steps = math.ceil(len(data) / batch_size)
-    bar = tqdm(batches(data, batch_size, generator, augment), total=steps, desc=desc, leave=False,
-               disable=None if progress else True, unit="batch")  # None: off when not a terminal
-    for x, y in bar:
-        x, y = preprocess(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+    n = len(data)
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    bar = tqdm(zip(sizes, batches(data, batch_size, generator, augment, world.rank, world.size)), total=len(sizes), desc=desc,
+               leave=False, disable=None if progress else True, unit="batch")  # None: off when not a terminal
+    for global_n, (x, y) in bar:
+        logits = model(preprocess(x.to(device, non_blocking=True)))
+        loss_sum = F.cross_entropy(logits, y.to(device, non_blocking=True), reduction="sum")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (world.size / global_n)).backward()
         optimizer.step()
         scheduler.step()
-        if step_hook is not None:
-            step_hook()
-        total_loss += loss.detach() * len(y)
+        total_loss += loss_sum.detach()
         correct += (logits.argmax(1) == y).sum()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"train_loss": float(total_loss) / len(data), "train_acc": float(correct) / len(data),
+    stats = torch.stack([total_loss.double(), correct.double()])
+    world.sum_(stats)
+    return {"train_loss": float(stats[0]) / n, "train_acc": float(stats[1]) / n,
             "train_time_s": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def evaluate(model, data: ImageSet, preprocess: Preprocess, device: torch.device, batch_size: int = 1000) -> dict:
+def evaluate(model, data: ImageSet, preprocess: Preprocess, device: torch.device, batch_size: int = 1000,
+             world: World = SINGLE) -> dict:
+    """Test loss and accuracy; with several ranks each rank evaluates its shard and the sums are shared."""
     model.eval()
-    total_loss, correct = 0.0, 0
-    for x, y in batches(data, batch_size):
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches(data, batch_size, rank=world.rank, world=world.size):
         x, y = preprocess(x.to(device)), y.to(device)
         logits = model(x)
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return {"test_loss": total_loss / len(data), "test_acc": correct / len(data)}
+        stats[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        stats[1] += (logits.argmax(1) == y).sum()
+    world.sum_(stats)
+    return {"test_loss": float(stats[0]) / len(data), "test_acc": float(stats[1]) / len(data)}
+

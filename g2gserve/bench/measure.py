@@ -192,13 +192,14 @@ def pin_threads(threads: int) -> list[int] | None:
 
 
 def peak_memory(model: str, backend: str, variant: str, batch: int, device: str = "cpu", threads: int = 1,
-                timeout: float = 300) -> dict:
-    """Peak resident memory (VmHWM) of a fresh process that loads ``model`` and runs one batch.
+                timeout: float = 300, slim: bool = False) -> dict:
+    """Peak resident memory (VmHWM) of a fresh process that loads ``model`` and runs a fixed request mix.
 
-    A fresh process, because a forked child inherits its parent's peak (shared notes).
+    A fresh process, because a forked child inherits its parent's peak (shared notes). ``slim``: torch blocked
+    in that process, as in a ``[serve]``-only install (onnxruntime and fused backends).
     """
     cmd = [sys.executable, "-m", "g2gserve.bench.memprobe", str(model), "--backend", backend, "--variant", variant,
-           "--batch", str(batch), "--device", device, "--threads", str(threads)]
+           "--batch", str(batch), "--device", device, "--threads", str(threads)] + (["--slim"] if slim else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")

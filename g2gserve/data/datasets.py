@@ -1,7 +1,8 @@
 """Datasets as in-memory uint8 tensors, from torchvision, Fashion-MNIST idx files, or ``.npz`` files.
 
 Everything here fits in memory (at most 50k x 3 x 32 x 32 bytes), so batches are cut from tensors
-and augmented in torch: no DataLoader workers, identical on CPU and CUDA, reproducible by generator.
+and augmented in torch, on the training device: no DataLoader workers, identical on CPU and CUDA,
+reproducible by generator. ``REGISTRY`` holds every fact about a data set (shape, classes, augmentation).
 
 Sources, in order:
 
@@ -23,13 +24,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the project needs to know about a data set before reading a byte of it."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    augment: bool  # crop + flip by default (CIFAR recipe); Fashion-MNIST trains on the plain images
+    torchvision: str  # class in torchvision.datasets
+
+
+# The one data-set registry: shapes, classes, default augmentation, download source.
+REGISTRY = {d.name: d for d in (
+    DatasetInfo("fashion-mnist", 1, 28, 10, False, "FashionMNIST"),
+    DatasetInfo("cifar10", 3, 32, 10, True, "CIFAR10"),
+    DatasetInfo("cifar100", 3, 32, 100, True, "CIFAR100"),
+)}
+DATASETS = tuple(REGISTRY)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in REGISTRY:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return REGISTRY[name]
+
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 class DataError(RuntimeError):
@@ -44,6 +72,10 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        """The same images on ``device`` (a whole data set is at most 150 MB: it lives on the GPU)."""
+        return ImageSet(self.x.to(device), self.y.to(device), self.classes)
 
 
 def default_cache() -> Path:
@@ -143,8 +175,7 @@ def _how_to_get(name: str) -> str:
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> ImageSet:
     """One split (``train`` or ``test``) of a data set as uint8 tensors with class names."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    info = dataset_info(name)
     if split not in _IDX_FILES:
         raise DataError(f"unknown split {split!r}; choose train or test")
     if data_dir is None and name == "fashion-mnist" and _local_source(DEBIAN_FASHION_MNIST, name):
@@ -160,7 +191,7 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None,
                 f"(train-images-idx3-ubyte.gz, ...) and for train.npz + test.npz; {_how_to_get(name)}")
         kind, directory = found
         x, y = (_read_idx_split if kind == "idx" else _read_npz_split)(directory, split)
-        return ImageSet(x, y, _classes(directory if kind == "npz" else None, name, max(_NUM_CLASSES[name], int(y.max()) + 1)))
+        return ImageSet(x, y, _classes(directory if kind == "npz" else None, name, max(info.num_classes, int(y.max()) + 1)))
     if not download:
         raise DataError(f"no --data-dir given and downloading is off; {_how_to_get(name)}")
     return _torchvision_split(name, split)
@@ -169,8 +200,7 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None,
 def _torchvision_split(name: str, split: str) -> ImageSet:
     import torchvision
 
-    cls = {"fashion-mnist": torchvision.datasets.FashionMNIST, "cifar10": torchvision.datasets.CIFAR10,
-           "cifar100": torchvision.datasets.CIFAR100}[name]
+    cls = getattr(torchvision.datasets, dataset_info(name).torchvision)
     root = default_cache()
     try:
         ds = cls(root=str(root), train=(split == "train"), download=True)
@@ -181,32 +211,50 @@ def _torchvision_split(name: str, split: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------- batches
-def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` plus horizontal flip, per image, vectorised (CIFAR recipe)."""
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop each zero-padded image at offset (dy, dx) and flip it where ``flip``, vectorised, on x's device."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy[:, None] + torch.arange(h)).to(x.device)
-    cols = dx[:, None] + torch.arange(w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
     idx_n = torch.arange(n, device=x.device)[:, None, None, None]
     idx_c = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def needs_augmentation(name: str) -> bool:
-    return name.startswith("cifar")
+def draw_crop_flip(n: int, generator: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets and flips for ``n`` images (CPU generator, so CPU and CUDA runs draw alike)."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    return dy, dx, torch.rand(n, generator=generator) < 0.5
 
 
-def batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment: bool = False):
-    """Yield (uint8 images, labels); shuffled and augmented when a generator is given."""
-    n = len(data)
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` plus horizontal flip, per image (CIFAR recipe)."""
+    return crop_flip(x, *(t.to(x.device) for t in draw_crop_flip(len(x), generator, pad)), pad=pad)
+
+
+def batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment: bool = False,
+            rank: int = 0, world: int = 1):
+    """Yield (uint8 images, labels) on the data's device; shuffled and augmented when a generator is given.
+
+    The epoch's randomness (order, crops, flips) is drawn up front and moved to the device once, so a
+    CUDA epoch has no host-to-device copy (and so no stream synchronisation) per batch. With ``world``
+    > 1 each global batch is split into ``world`` contiguous shards and this yields shard ``rank``:
+    together the ranks see exactly the batches (and augmentations) of a single process.
+    """
+    n, device = len(data), data.x.device
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    crops = draw_crop_flip(n, generator) if augment and generator is not None else None
+    order = order.to(device)
+    crops = None if crops is None else tuple(t.to(device) for t in crops)
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        pos = torch.arange(start, min(start + batch_size, n), device=device)
+        if world > 1:
+            pos = torch.tensor_split(pos, world)[rank]
+        idx = order[pos]
         x = data.x[idx]
-        if augment and generator is not None:
-            x = augment_crop_flip(x, generator)
+        if crops is not None:
+            x = crop_flip(x, *(t[pos] for t in crops))
         yield x, data.y[idx]

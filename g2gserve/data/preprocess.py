@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+
+
+@lru_cache(maxsize=32)
+def _torch_stats(mean: tuple[float, ...], std: tuple[float, ...], device):
+    """mean/std as (1, C, 1, 1) tensors on ``device``, made once: copying them from host memory at every
+    training step would synchronise the CUDA stream each step."""
+    import torch
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,7 @@ class Preprocess:
         if len(images.shape) != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(f"expected images of shape (N, {self.channels}, {self.height}, {self.width}), got {tuple(images.shape)}")
         if not isinstance(images, np.ndarray) and type(images).__module__.startswith("torch"):
-            import torch
-            mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+            mean, std = _torch_stats(self.mean, self.std, images.device)
             return (images.float() / 255.0 - mean) / std
         mean = np.array(self.mean, np.float32).reshape(1, -1, 1, 1)
         std = np.array(self.std, np.float32).reshape(1, -1, 1, 1)

@@ -28,6 +28,7 @@ VARIANTS = ("sparse", "dense")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in numpy (max subtracted first, so large logits do not overflow)."""
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z, dtype=np.float32)
     return e / e.sum(axis=1, keepdims=True)

@@ -7,11 +7,13 @@ import asyncio
 import math
 import time
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..batching import Overloaded
 from ..deps import loaded_service
-from ..inputs import SHAPE_HEADER, announced_images, cheap_to_decode, decode_body, read_body
+from ..admission import TICKET
+from ..inputs import SHAPE_HEADER, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
 from ..service import Service, top_k
 
@@ -29,6 +31,13 @@ REQUEST_BODY = {"requestBody": {"content": {
         "images": {"type": "array", "items": {"type": "string"}}}}}}}}
 
 
+def timed_decode(*args) -> tuple[np.ndarray, float]:
+    """``decode_body`` and the seconds it took (measured where it runs)."""
+    t = time.perf_counter()
+    images = decode_body(*args)
+    return images, time.perf_counter() - t
+
+
 def _busy(e: Overloaded) -> HTTPException:
     return HTTPException(503, f"server busy: {e}", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
 
@@ -42,23 +51,25 @@ async def classify(request: Request, service: Service = Depends(loaded_service),
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()
     cfg, model, batcher = service.cfg, service.model, service.batcher
-    try:
-        ticket = batcher.admit(announced_images(request))  # before the body is read or decoded
-    except Overloaded as e:
-        service.metrics.rejected.inc()
-        raise _busy(e)
+    ticket = request.scope.get(TICKET)  # admitted by the AdmissionGate, before the body was read
+    if ticket is None:  # the app is mounted without its gate (e.g. inside another app): admit here
+        try:
+            ticket = batcher.admit(1)
+        except Overloaded as e:
+            service.metrics.rejected.inc()
+            raise _busy(e)
     try:
         body = await read_body(request, model.input_shape, cfg.max_images_per_request)
         ticket.resize(body.images_hint)
+        service.observe_body(body)
         service.metrics.queue_depth.set(batcher.pending_images)
-        decode_start = time.perf_counter()
+        args = (body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
         if cheap_to_decode(body):
-            images = decode_body(body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+            images, seconds = timed_decode(*args)
         else:
-            images = await asyncio.get_running_loop().run_in_executor(
-                service.decoder, decode_body, body, model.input_shape, cfg.max_pixels, cfg.max_images_per_request)
+            images, seconds = await asyncio.get_running_loop().run_in_executor(service.decoder, timed_decode, *args)
         decoded = time.perf_counter()
-        batcher.observe_decode(len(images), decoded - decode_start)
+        batcher.observe_decode(len(images), seconds)  # the work itself, not the wait for a decode thread
         result = await ticket.submit(images)
     except Overloaded as e:
         service.metrics.rejected.inc()
