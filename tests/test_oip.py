@@ -300,3 +300,9 @@ def test_cli_takes_one_model_or_a_repository(tmp_path, repo, capsys):
         assert c.post("/v2/repository/models/x/load").json()["error"].startswith("loading and unloading models is "
                                                                                  "disabled")
         assert c.get("/stats").json()["config"]["admin_token"] is None
+    # with --workers N (a shared dir) a swap would reach one worker only: refused
+    cfg = ServeConfig(model=str(single), calibrate=False, admin_token=TOKEN, shared_dir=str(tmp_path))
+    with TestClient(create_app(cfg)) as c:
+        r = c.post(f"/v2/repository/models/{name}/load", headers={"authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 409 and "single worker" in r.json()["error"]
+        assert c.get("/stats").json()["config"]["admin_token"] == "(set)"

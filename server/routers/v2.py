@@ -52,8 +52,13 @@ def _busy(e: Overloaded) -> OIPError:
     return error
 
 
-def check_admin(request: Request, token: str | None) -> None:
-    """Repository changes need the server's admin token as ``Authorization: Bearer <token>``."""
+def check_admin(request: Request, service: Service) -> None:
+    """Repository changes need the server's admin token as ``Authorization: Bearer <token>``, and one process:
+    with ``--workers N`` a request reaches one worker, which would leave the others on the old version."""
+    token = service.cfg.admin_token
+    if service.cfg.shared_dir:
+        raise OIPError(409, "loading and unloading models needs a single worker (each of the --workers has its "
+                            "own models); restart the server to change them")
     if not token:
         raise OIPError(403, "loading and unloading models is disabled: start g2g-serve with --admin-token")
     given = request.headers.get("authorization", "")
@@ -195,13 +200,13 @@ async def _index(service: Service, request: Request):
 
 
 async def _load(service: Service, name: str, request: Request):
-    check_admin(request, service.cfg.admin_token)
+    check_admin(request, service)
     served = await service.repository.load(name)
     return {"name": served.name, "version": served.version, "state": "READY"}
 
 
 async def _unload(service: Service, name: str, request: Request):
-    check_admin(request, service.cfg.admin_token)
+    check_admin(request, service)
     await service.repository.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}
 
