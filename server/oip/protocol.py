@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,9 +35,9 @@ EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
 class OIPError(Exception):
     """A request the protocol refuses; ``status`` is the HTTP status, ``str(self)`` the error message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 @dataclass
@@ -54,7 +54,6 @@ class InferRequest:
     pixels: np.ndarray | None
     encoded: list[bytes] | None
     output: RequestedOutput
-    parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -239,7 +238,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_shape: tup
         pixels, encoded = _pixels(tensor, binary, input_shape), None
     else:
         pixels, encoded = None, _encoded(tensor, binary)
-    req = InferRequest(rid, pixels, encoded, _requested_output(request), request.get("parameters") or {})
+    req = InferRequest(rid, pixels, encoded, _requested_output(request))
     if req.count == 0:
         raise OIPError(400, "the request holds no images")
     if req.count > max_images:

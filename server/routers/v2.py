@@ -40,16 +40,13 @@ async def _answer(work: Awaitable[Any]) -> Any:
     try:
         return await work
     except OIPError as e:
-        headers = {"Retry-After": str(getattr(e, "retry_after", 1))} if e.status == 503 else None
-        return FastJSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+        return FastJSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
     except HTTPException as e:  # shared helpers (decoding) speak FastAPI's exceptions
         return FastJSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
 
 
 def _busy(e: Overloaded) -> OIPError:
-    error = OIPError(503, f"server busy: {e}")
-    error.retry_after = max(1, math.ceil(e.retry_after))
-    return error
+    return OIPError(503, f"server busy: {e}", {"Retry-After": str(max(1, math.ceil(e.retry_after)))})
 
 
 def check_admin(request: Request, service: Service) -> None:
