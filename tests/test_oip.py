@@ -60,9 +60,14 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images():
-    """Real-ish test images: garments are not needed, a visible class-dependent bar is."""
-    x, _ = _images(np.random.default_rng(3), 6, (28, 28), 10)
-    return x[:, None]  # (N, 1, 28, 28) uint8
+    """Real Fashion-MNIST test images where the Debian package is installed, else the conftest's class-bar images
+    (tests never need the data set)."""
+    from g2gserve.data.datasets import DEBIAN_FASHION_MNIST, DataError, load_split
+    try:
+        return np.asarray(load_split("fashion-mnist", "test", DEBIAN_FASHION_MNIST, download=False).x[:6])
+    except DataError:
+        x, _ = _images(np.random.default_rng(3), 6, (28, 28), 10)
+        return x[:, None]  # (N, 1, 28, 28) uint8
 
 
 def _free_port():
