@@ -18,7 +18,7 @@ from .settings import ADMIN_TOKEN_ENV, CONFIG_ENV, ServeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = ServeConfig(model="defaults")
+    d = ServeConfig(model="MODEL")  # the defaults shown in --help
     p = argparse.ArgumentParser(
         prog="g2g-serve",
         description="Serve a G2GNet (export directory or model.pt) or a model repository with FastAPI/uvicorn: "
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Open Inference Protocol v2; /classify uses --default-model")
     p.add_argument("--default-model", default=None, metavar="NAME",
                    help="the repository model /classify, /model and /stats use (default: the first by name)")
-    p.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV), metavar="TOKEN",
+    p.add_argument("--admin-token", default=None, metavar="TOKEN",  # not the env value: --help would print it
                    help=f"enables POST /v2/repository/models/NAME/load|unload (version swaps) for requests with "
                         f"'Authorization: Bearer TOKEN' (default: ${ADMIN_TOKEN_ENV}; unset: refused)")
     p.add_argument("--host", default="127.0.0.1")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--workers must be at least 1")
         repository = str(args.model_repository) if args.model_repository else None
         cfg = ServeConfig(model=str(args.model or ""), model_repository=repository, default_model=args.default_model,
-                          admin_token=args.admin_token or None, backend=args.backend, variant=args.variant,
+                          admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None, backend=args.backend, variant=args.variant,
                           device=args.device,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),

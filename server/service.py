@@ -142,11 +142,13 @@ class Service:
                 ",".join(l["format"] for l in model.manifest["layers"]))
 
     def retired(self, served: Served) -> None:
-        """A drained version leaves the g2g_model_info metric."""
-        try:
-            self.metrics.model_info.remove(*self._info_labels(served.model))
-        except KeyError:
-            pass
+        """A drained version leaves the g2g_model_info metric (unless a served version has the same labels)."""
+        labels = self._info_labels(served.model)
+        if all(self._info_labels(s.model) != labels for s in self.repository.served.values()):
+            try:
+                self.metrics.model_info.remove(*labels)
+            except KeyError:
+                pass
 
     @property
     def model_card(self) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from fastapi import APIRouter, Depends
 
 from ..deps import get_service, loaded_service
