@@ -311,3 +311,11 @@ def test_cli_takes_one_model_or_a_repository(tmp_path, repo, capsys):
         r = c.post(f"/v2/repository/models/{name}/load", headers={"authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 409 and "single worker" in r.json()["error"]
         assert c.get("/stats").json()["config"]["admin_token"] == "(set)"
+
+
+def test_v2_modules_serve_without_torch():
+    """The slim [serve] install (no torch) gets v2, the repository and the page too."""
+    from test_slim import BLOCK_TORCH, _run
+    out = _run(BLOCK_TORCH + "import sys, json, server.app, server.routers.v2, server.routers.page, server.oip.repository\n"
+               "print(json.dumps({'imported': [m for m in ('torch', 'onnx', 'training') if sys.modules.get(m)]}))")
+    assert out["imported"] == []
