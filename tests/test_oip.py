@@ -2,6 +2,7 @@
 the protocol's error answers, and the page at / in a real browser (headless Chromium)."""
 import asyncio
 import base64
+import gzip
 import json
 import shutil
 import socket
@@ -100,7 +101,7 @@ def _app(model_repository, **kw):
 
 @pytest.fixture(scope="module")
 def server_url(repo):
-    app = _app(repo / "repo", max_wait_ms=2)
+    app = _app(repo / "repo", max_wait_ms=2, max_body_bytes=200_000)
     url, server, thread = _serve(app)
     yield url
     server.should_exit = True
@@ -147,9 +148,11 @@ def test_tritonclient_health_metadata_and_infer(server_url, repo, images):
             assert int(first[1]) == int(probs.argmax()) and first[2] == CLASSES[int(probs.argmax())]
             assert abs(float(first[0]) - float(probs.max())) < 1e-6
 
-    # no outputs asked for: tritonclient asks for binary_data_output, all outputs come back
+    # no outputs asked for: tritonclient asks for binary_data_output, all outputs come back; gzip request bodies
     pixels = tc.InferInput("images", list(images.shape), "UINT8").set_data_from_numpy(images)
     np.testing.assert_allclose(client.infer("fmnist", [pixels]).as_numpy("probabilities"), expected, atol=1e-6)
+    got = client.infer("fmnist", [pixels], request_compression_algorithm="gzip").as_numpy("probabilities")
+    np.testing.assert_allclose(got, expected, atol=1e-6)
     with pytest.raises(tc.InferenceServerException, match="not loaded"):
         client.infer("fmnist", [pixels], model_version="5")
 
@@ -169,6 +172,9 @@ def test_v2_errors_are_4xx_with_an_error_field(server_url):
                                 "data": [base64.b64encode(b"not an image").decode()]}]}), 415),
         (dict(json={"inputs": [ok | {"shape": [65, 1, 28, 28], "data": [0] * 784 * 65}]}), 413),
         (dict(content=b'{"inputs":[]}xx', headers={"inference-header-content-length": "99"}), 400),
+        (dict(content=b"\x1f\x8b not gzip", headers={"content-encoding": "gzip"}), 400),
+        (dict(content=gzip.compress(b" " * 300_000), headers={"content-encoding": "gzip"}), 413),  # over the limit
+        (dict(content=b"{}", headers={"content-encoding": "br"}), 415),
     ]
     for kwargs, status in cases:
         r = httpx.post(url, **kwargs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,26 @@ def model_config(name: str, platform: str, input_shape: tuple[int, int, int], cl
 
 
 # ------------------------------------------------------------------ requests
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A request body sent with ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), never
+    inflated past ``limit`` bytes (the body limit applies to what the request carries, not to its wire size)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise OIPError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise OIPError(400, f"the {encoding} request body does not decompress ({e})")
+    if len(data) > limit:
+        raise OIPError(413, f"the request body inflates past the limit of {limit:,} bytes")
+    if not inflater.eof:
+        raise OIPError(400, f"the {encoding} request body is truncated")
+    return data
+
+
 def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     """Split the body into its JSON header and the binary tail (empty without the extension)."""
     if header_length is None:

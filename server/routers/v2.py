@@ -21,8 +21,8 @@ import g2gserve
 from ..batching import Overloaded
 from ..deps import get_service
 from ..inputs import Body, decode_body
-from ..oip.protocol import (EXTENSIONS, OIPError, encode_infer_response, model_config, model_metadata,
-                            parse_infer_request)
+from ..oip.protocol import (EXTENSIONS, OIPError, decompress, encode_infer_response, model_config,
+                            model_metadata, parse_infer_request)
 from ..schemas import FastJSONResponse
 from ..service import Service
 
@@ -143,7 +143,7 @@ async def _infer(service: Service, name: str, version: str | None, request: Requ
         service.metrics.rejected.inc()
         raise _busy(e)
     try:
-        body = await request.body()
+        body = decompress(await request.body(), request.headers.get("content-encoding"), cfg.max_body_bytes)
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"), model.input_shape,
                                   cfg.max_images_per_request)
         ticket.resize(req.count)
