@@ -152,9 +152,12 @@ class Service:
 
     @property
     def model_card(self) -> dict:
-        m = self.model
-        return {"name": m.name, "version": _model_version(m.manifest), "backend": m.backend, "device": str(m.device),
-                "variant": self.cfg.variant}
+        """The default model: its name as served (the repository's; one export directory: its manifest's), the
+        digest of its weights as version, and how it runs."""
+        served = self.served
+        m = served.model
+        return {"name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
+                "device": str(m.device), "variant": self.cfg.variant}
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
