@@ -14,9 +14,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .admission import AdmissionGate
+from .auth import add_admin_routes, api_key_dependencies
+from .errors import error_responses
+from .hardening import harden
 from .limits import BodyLimitMiddleware
 from .metrics import RequestCounter
-from .routers import ROUTERS
+from .routers import ROUTERS, classify, v2
 from .schemas import FastJSONResponse
 from .service import Service
 from .settings import ServeConfig
@@ -55,16 +58,21 @@ def _middleware(app: FastAPI, service: Service) -> None:
                    if hasattr(r, "path")}  # other paths are counted as "other"
     app.add_middleware(AdmissionGate, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.cfg.max_body_bytes)
+    harden(app, service.cfg)  # JSON errors, deadlines, CORS, offline /docs: inside the counter, which counts them
     app.add_middleware(RequestCounter, metrics=service.metrics, known_paths=known_paths)
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     service = Service(cfg)
     app = FastAPI(title="g2gserve", version="1", lifespan=_lifespan(service), default_response_class=FastJSONResponse,
+                  docs_url=None, redoc_url=None,  # /docs with local assets: server/docs_assets.py
                   description="Image classification with a sparse G2GNet, and what its sparsity saves on this machine.")
     app.state.service = service
     for router in ROUTERS:
-        app.include_router(router)
+        guarded = router in (classify.router, v2.router) and cfg.api_key  # inference, whichever protocol
+        app.include_router(router, dependencies=api_key_dependencies(cfg.api_key) if guarded else None,
+                           responses=error_responses(401) if guarded else None)
+    add_admin_routes(app, cfg.admin_token, service.run_calibration, lambda: service.ready)
     _middleware(app, service)
     return app
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from g2gserve.runtime import BACKENDS
 
+from . import hardening
 from .app import create_app
 from .metrics import MULTIPROC_ENV
-from .settings import ADMIN_TOKEN_ENV, CONFIG_ENV, ServeConfig
+from .settings import CONFIG_ENV, ServeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Open Inference Protocol v2; /classify uses --default-model")
     p.add_argument("--default-model", default=None, metavar="NAME",
                    help="the repository model /classify, /model and /stats use (default: the first by name)")
-    p.add_argument("--admin-token", default=None, metavar="TOKEN",  # not the env value: --help would print it
-                   help=f"enables POST /v2/repository/models/NAME/load|unload (version swaps) for requests with "
-                        f"'Authorization: Bearer TOKEN' (default: ${ADMIN_TOKEN_ENV}; unset: refused)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
@@ -66,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line costs about as much as a small request)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    hardening.add_arguments(p)
     return p
 
 
@@ -112,19 +111,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--workers must be at least 1")
         repository = str(args.model_repository) if args.model_repository else None
         cfg = ServeConfig(model=str(args.model or ""), model_repository=repository, default_model=args.default_model,
-                          admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None, backend=args.backend, variant=args.variant,
-                          device=args.device,
+                          backend=args.backend, variant=args.variant, device=args.device,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
                           max_images_per_request=args.max_images, threads=args.threads,
-                          decode_threads=args.decode_threads, calibrate=not args.no_calibrate)
+                          decode_threads=args.decode_threads, calibrate=not args.no_calibrate,
+                          **hardening.config_kwargs(args))
+        bounds = hardening.uvicorn_options(args)  # TLS, keep-alive, connection limit, header bounds (http=)
     except ValueError as e:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
     common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
-                  access_log=args.access_log,
-                  loop="auto", http="auto")  # auto: uvloop and httptools (uvicorn[standard]) when installed
+                  access_log=args.access_log, loop="auto",  # auto: uvloop when installed
+                  **bounds)  # http=: uvicorn's httptools protocol with header bounds (server/protocol.py)
     if args.workers == 1:
+        hardening.exit_zero_on_sigterm()
         uvicorn.run(create_app(cfg), **common)
         return 0
     # Several workers: metrics summed through files (prometheus multiprocess mode), one calibration for all.

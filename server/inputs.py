@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -20,6 +19,8 @@ from fastapi import HTTPException, Request
 from PIL import Image
 
 from g2gserve.data.images import ImageError, decode_array
+
+from .parsing import JSONRejected, parse_json
 
 SHAPE_HEADER = "x-shape"
 
@@ -129,10 +130,10 @@ def _checked(payloads: list[bytes], max_images: int) -> list[bytes]:
 
 
 def _json_payloads(text: bytes, max_images: int) -> list[bytes]:
-    try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(422, f"malformed JSON ({e})")
+    try:  # bounded depth, number length and value count before the parser runs (server/parsing.py)
+        body = parse_json(text)
+    except JSONRejected as e:
+        raise HTTPException(e.status, str(e))
     if not isinstance(body, dict) or not ({"image", "images"} & set(body)):
         raise HTTPException(422, 'JSON body must be {"image": "<base64>"} or {"images": ["<base64>", ...]}')
     items = body.get("images", [body.get("image")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 
@@ -30,9 +30,12 @@ class ClassifyResponse(BaseModel):
     inference_ms: float
 
 
-class FastJSONResponse(Response):
-    """JSON rendered by orjson (several times faster than the json module; FastAPI's ORJSONResponse is deprecated)."""
-    media_type = "application/json"
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by orjson (several times faster than the json module; FastAPI's ORJSONResponse is deprecated).
+
+    A ``JSONResponse`` subclass so that FastAPI documents the response models in OpenAPI (for a plain
+    ``Response`` subclass it declares every 200 body a string).
+    """
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY, default=str)

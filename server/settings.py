@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from g2gserve.data.images import DEFAULT_MAX_PIXELS
 
 CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
-ADMIN_TOKEN_ENV = "G2G_ADMIN_TOKEN"  # the default of --admin-token (keeps the token out of the process list)
 
 
 @dataclass
@@ -32,7 +31,17 @@ class ServeConfig:
     shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
     model_repository: str | None = None  # DIR/<name>/<version>/ export directories, instead of one ``model``
     default_model: str | None = None  # the repository model /classify, /model and /stats use (default: first by name)
-    admin_token: str | None = None  # load/unload need "Authorization: Bearer <token>"; refused without one
+    admin_token: str | None = None  # admin calls (server/auth.py; v2 load/unload) exist only with a token
+    api_key: str | None = None  # required in X-API-Key for /classify when set
+    cors_origins: tuple[str, ...] = ()
+    body_timeout_s: float = 30.0  # the whole request body within (408; server/timeouts.py)
+    request_timeout_s: float = 60.0  # the whole answer within (503)
+
+    SECRETS = ("admin_token", "api_key")
+
+    def public(self) -> dict:
+        """The settings as /stats shows them: secrets only as whether they are set."""
+        return {k: (v is not None if k in self.SECRETS else v) for k, v in asdict(self).items()}
 
     def __post_init__(self) -> None:
         if bool(self.model) == bool(self.model_repository):
@@ -45,10 +54,6 @@ class ServeConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError("decode_threads must be at least 1")
-
-    def public(self) -> dict:
-        """The settings as /stats shows them: secrets left out."""
-        return {**asdict(self), "admin_token": "(set)" if self.admin_token else None}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

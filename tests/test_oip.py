@@ -306,17 +306,20 @@ def test_cli_takes_one_model_or_a_repository(tmp_path, repo, capsys):
     # one export directory is a repository of one model, named as in its manifest, version 1
     single = repo / "repo" / "fmnist" / "1"
     name = json.loads((single / "manifest.json").read_text())["name"]
-    with TestClient(create_app(ServeConfig(model=str(single), calibrate=False))) as c:
-        assert c.get(f"/v2/models/{name}/versions/1/ready").status_code == 200
-        assert c.post("/v2/repository/models/x/load").json()["error"].startswith("loading and unloading models is "
+    with TestClient(create_app(ServeConfig(model=str(single), calibrate=False, api_key="k"))) as c:
+        key = {"x-api-key": "k"}
+        assert c.get(f"/v2/models/{name}/versions/1/ready", headers=key).status_code == 200
+        assert c.post(f"/v2/models/{name}/infer", json={"inputs": []}).status_code == 401  # --api-key as /classify
+        assert c.get("/v2/health/ready").status_code == 200  # probes need no key
+        assert c.post("/v2/repository/models/x/load", headers=key).json()["error"].startswith("loading and unloading models is "
                                                                                  "disabled")
-        assert c.get("/stats").json()["config"]["admin_token"] is None
+        assert c.get("/stats").json()["config"]["admin_token"] is False
     # with --workers N (a shared dir) a swap would reach one worker only: refused
     cfg = ServeConfig(model=str(single), calibrate=False, admin_token=TOKEN, shared_dir=str(tmp_path))
     with TestClient(create_app(cfg)) as c:
         r = c.post(f"/v2/repository/models/{name}/load", headers={"authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 409 and "single worker" in r.json()["error"]
-        assert c.get("/stats").json()["config"]["admin_token"] == "(set)"
+        assert c.get("/stats").json()["config"]["admin_token"] is True
 
 
 def test_v2_modules_serve_without_torch():

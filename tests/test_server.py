@@ -105,13 +105,18 @@ def test_bad_input_never_500(export_dir):
         assert c.get("/healthz").status_code == 200  # still up
 
 
-def test_endpoints_stats_and_metrics(client):
+def test_endpoints_stats_and_metrics(export_dir):
+    with TestClient(_app(export_dir, admin_token="t0ken")) as client:
+        _check_endpoints_stats_and_metrics(client)
+
+
+def _check_endpoints_stats_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["ready"] is True
     assert client.get("/model").json()["format"] == "g2gserve.export"
     assert client.get("/docs").status_code == 200 and "/classify" in client.get("/openapi.json").json()["paths"]
     client.post("/classify", content=_png())
-    stats = client.post("/stats/calibrate").json()
+    stats = client.post("/stats/calibrate", headers={"Authorization": "Bearer t0ken"}).json()
     assert stats["status"] == "done" and stats["latency"]["batch_1"]["speedup"] > 0
     assert stats["weights"]["ratio"] < 0.5 and "as fast as its dense twin" in stats["summary"]
     live = client.get("/stats").json()["live"]

@@ -154,10 +154,10 @@ def test_dense_variant_answers_like_the_sparse_model_within_parity(export_dir):
 
 
 def test_stats_report_end_to_end_next_to_model_level(export_dir):
-    with TestClient(_app(export_dir)) as c:
+    with TestClient(_app(export_dir, admin_token="t0ken")) as c:  # the admin call needs the token (issue 14)
         for i in range(3):
             c.post("/classify", content=_png(i))
-        stats = c.post("/stats/calibrate").json()
+        stats = c.post("/stats/calibrate", headers={"Authorization": "Bearer t0ken"}).json()
         live = c.get("/stats").json()["live"]
     assert stats["latency"]["batch_1"]["sparse_p50_ms"] > 0
     assert live["requests"] == 3 and live["images"] == 3

@@ -1,10 +1,19 @@
 """Bytes of an uploaded image -> the uint8 (C, H, W) tensor the model was trained on.
 
-Conversion, exactly as documented for the server: decode (PNG, JPEG, WebP, BMP only), refuse more
-than ``max_pixels`` *before* decoding (decompression bombs), convert the mode with Pillow to ``L``
-(ITU-R 601-2 luma) for 1-channel models or ``RGB`` for 3-channel models (alpha is dropped, palette
-images are expanded), and resize to the training size with bilinear filtering when the size differs.
-No other change: Fashion-MNIST models expect light garments on a dark background, as in the data set.
+Conversion, exactly as documented for the server: decode (PNG, JPEG, WebP, BMP, TIFF only), refuse
+more than ``max_pixels`` *before* decoding (decompression bombs), bring every mode Pillow opens to
+8 bits per channel without losing its range (Pillow's own ``convert`` clips 16-bit grey to 255):
+
+- 16-bit and 32-bit integer grey (``I;16*``, ``I``: 16-bit PNG/TIFF samples) -> value / 257, rounded;
+- float grey (``F``, on Pillow's 0..255 scale, as ``convert("F")`` writes it) -> rounded, clipped;
+- anything with transparency (``LA``, ``RGBA``, ``PA``, ``P``/``L``/``RGB`` with a transparent colour)
+  -> composited over black, the background of the training images, so a transparent background
+  does not turn into whatever colour hides under it;
+- ``CMYK``, ``YCbCr``, ``1``, ``P`` -> Pillow's conversion;
+
+then convert to ``L`` (ITU-R 601-2 luma) for 1-channel models or ``RGB`` for 3-channel models, and
+resize to the training size with bilinear filtering when the size differs. No other change:
+Fashion-MNIST models expect light garments on a dark background, as in the data set.
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+FORMATS_HINT = "send PNG, JPEG, WebP, BMP or TIFF"
 DEFAULT_MAX_PIXELS = 16_000_000
 
 
@@ -28,6 +38,36 @@ class UnsupportedImage(ImageError):
 
 class ImageTooLarge(ImageError):
     status = 413
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_from_array(array: np.ndarray, scale: float) -> Image.Image:
+    """High-range grey samples -> 8-bit ``L`` by ``round(value / scale)``, clipped to 0..255."""
+    return Image.fromarray(np.clip(np.rint(array.astype(np.float64) / scale), 0, 255).astype(np.uint8), "L")
+
+
+def _over_black(im: Image.Image) -> Image.Image:
+    """RGBA -> RGB composited over black: the colour under a transparent pixel does not count."""
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+    rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> ``L`` (1 channel) or ``RGB`` (3 channels), keeping the full range (module doc)."""
+    target = "L" if channels == 1 else "RGB"
+    if im.mode in _SIXTEEN_BIT:
+        im = _grey_from_array(np.asarray(im), 257.0)
+    elif im.mode == "F":
+        im = _grey_from_array(np.asarray(im), 1.0)
+    elif im.has_transparency_data:
+        im = _over_black(im)
+    try:
+        return im.convert(target)
+    except ValueError as e:  # e.g. LAB, which Pillow cannot convert without a colour profile
+        raise UnsupportedImage(f"cannot convert image mode {im.mode} to {target} ({e})") from e
 
 
 def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -47,7 +87,7 @@ def decode_array(data: bytes, shape: tuple[int, int, int], max_pixels: int = DEF
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ALLOWED_FORMATS:
-                raise UnsupportedImage(f"unsupported image format {im.format}; send PNG, JPEG, WebP or BMP")
+                raise UnsupportedImage(f"unsupported image format {im.format}; {FORMATS_HINT}")
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageTooLarge(f"image has {width}x{height} pixels, more than the limit of {max_pixels:,}")
@@ -55,14 +95,14 @@ def decode_array(data: bytes, shape: tuple[int, int, int], max_pixels: int = DEF
             if im.format == "JPEG" and (width > 2 * w or height > 2 * h):
                 im.draft("L" if c == 1 else "RGB", (w, h))
             im.load()
-            im = im.convert("L" if c == 1 else "RGB")
+            im = to_model_mode(im, c)
             if im.size != (w, h):
                 im = im.resize((w, h), Image.Resampling.BILINEAR)
             array = np.asarray(im, dtype=np.uint8)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
-        raise UnsupportedImage("not an image Pillow can identify; send PNG, JPEG, WebP or BMP") from e
+        raise UnsupportedImage(f"not an image Pillow can identify; {FORMATS_HINT}") from e
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(str(e)) from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data

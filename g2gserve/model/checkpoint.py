@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors, strings and numbers loaded with
 """
 from __future__ import annotations
 
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,12 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> dict:
         raise CheckpointError(f"{path}: not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zipfile/pickle/EOF/RuntimeError: all mean "not a checkpoint we can trust"
+    except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False and is cut off here: say why not
+        found = next((l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l), "")
+        raise CheckpointError(f"{path}: not a readable g2gserve {what}: it holds Python objects beyond tensors and "
+                              f"plain data ({found.split('. ')[0] or 'an object the safe loader does not allow'}); "
+                              f"loading those would run code from the file, so g2gserve never does") from e
+    except Exception as e:  # zipfile/EOF/RuntimeError: all mean "not a checkpoint we can trust"
         raise CheckpointError(f"{path}: not a readable g2gserve {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a g2gserve {what} (holds a {type(obj).__name__})")

@@ -2,4 +2,4 @@
 v2, the page at /."""
 from . import classify, health, metrics, page, stats, v2
 
-ROUTERS = (classify.router, health.router, stats.router, metrics.router, v2.router, page.router)
+ROUTERS = (classify.router, health.router, stats.router, metrics.router, v2.health, v2.router, page.router)

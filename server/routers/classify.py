@@ -13,22 +13,18 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from ..batching import Overloaded
 from ..deps import loaded_service
 from ..admission import TICKET
+from ..errors import error_responses
 from ..inputs import SHAPE_HEADER, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
+from ..parsing import classify_request_body
 from ..service import Service, top_k
 
 router = APIRouter(tags=["classify"])
 
-REQUEST_BODY = {"requestBody": {"content": {
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
+REQUEST_BODY = {"requestBody": classify_request_body({
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                  "description": f"raw uint8 pixels N×C×H×W (or N×H×W) with the shape in the "
-                                                f"'{SHAPE_HEADER}' header or the 'shape' query parameter"},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "description": "base64"},
-        "images": {"type": "array", "items": {"type": "string"}}}}}}}}
+                                                f"'{SHAPE_HEADER}' header or the 'shape' query parameter"}})}
 
 
 def timed_decode(*args) -> tuple[np.ndarray, float]:
@@ -42,11 +38,12 @@ def _busy(e: Overloaded) -> HTTPException:
     return HTTPException(503, f"server busy: {e}", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY)
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY,
+             responses=error_responses(400, 408, 413, 415, 422, 431, 500, 503))
 async def classify(request: Request, service: Service = Depends(loaded_service),
                    top_k_: int = Query(3, alias="top_k", ge=1, le=1000, description="labels per image"),
                    shape: str | None = Query(None, description="raw pixels: N,C,H,W or N,H,W (or the X-Shape header)")):
-    """Classify one or more images (PNG, JPEG, WebP, BMP; any size and mode): raw bytes, multipart ``file``
+    """Classify one or more images (PNG, JPEG, WebP, BMP, TIFF; any size and mode): raw bytes, multipart ``file``
     fields, JSON base64, or raw uint8 pixels with a shape. Images are converted to the model's channels and size
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()

@@ -10,7 +10,8 @@ from ..service import Service
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(service: Service = Depends(get_service)):
     """Prometheus text format."""
     body, content_type = service.metrics.exposition()

@@ -7,7 +7,6 @@ the decode pool, one shared forward pass, the same metrics. Every error answers 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import time
@@ -18,6 +17,7 @@ from fastapi.responses import Response
 
 import g2gserve
 
+from ..auth import _same as same_secret
 from ..batching import Overloaded
 from ..deps import get_service
 from ..inputs import Body, decode_body
@@ -26,7 +26,8 @@ from ..oip.protocol import (EXTENSIONS, OIPError, decompress, encode_infer_respo
 from ..schemas import FastJSONResponse
 from ..service import Service
 
-router = APIRouter(tags=["Open Inference Protocol (v2)"])
+router = APIRouter(tags=["Open Inference Protocol (v2)"])  # behind --api-key when one is set, as /classify
+health = APIRouter(tags=["Open Inference Protocol (v2)"])  # never behind the key: probes (KServe, Kubernetes)
 
 INFER_BODY = {"requestBody": {"content": {
     "application/json": {"schema": {"type": "object"}},
@@ -58,23 +59,23 @@ def check_admin(request: Request, service: Service) -> None:
                             "own models); restart the server to change them")
     if not token:
         raise OIPError(403, "loading and unloading models is disabled: start g2g-serve with --admin-token")
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
         raise OIPError(401, "loading and unloading models needs the header 'Authorization: Bearer <admin token>'")
 
 
-@router.get("/v2")
+@health.get("/v2")
 async def server_metadata():
     """Server name, version and protocol extensions."""
     return {"name": "g2gserve", "version": g2gserve.__version__, "extensions": list(EXTENSIONS)}
 
 
-@router.get("/v2/health/live")
+@health.get("/v2/health/live")
 async def live():
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@health.get("/v2/health/ready")
 async def ready(service: Service = Depends(get_service)):
     """Ready once the start-up models are loaded and warmed up."""
     if not service.ready:

@@ -54,7 +54,7 @@ async function classify(file) {
   const roundTrip = performance.now() - started;
   if (!r.ok) {
     $("result").hidden = true;
-    $("error").textContent = answer.error || `HTTP ${r.status}`;
+    $("error").textContent = answer.error || answer.detail || `HTTP ${r.status}`;
     return;
   }
   // classification elements are "<probability>:<class index>:<label>"

@@ -1,0 +1,157 @@
+"""uvicorn's httptools protocol with the bounds it lacks: a header deadline and a header size limit.
+
+uvicorn starts timing a connection only after a response (``timeout_keep_alive``): a client that
+connects and sends its request line and headers a few bytes a second holds the socket forever
+(slowloris), and a 100 KB header arrives in full before anyone looks at it. Here the headers must
+be complete within ``header_timeout_s`` of the connection (or of the previous response), else
+408, and within ``max_header_bytes``, else 431, both as JSON with ``Connection: close``. When
+``limit_concurrency`` is exceeded, the 503 is JSON as well (uvicorn's own is plain text).
+
+The settings travel in an environment variable, so ``--workers N`` (spawned processes that import
+this class by name) get them too; ``configure`` sets it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import error_body, send_error
+
+ENV = "G2G_SERVE_PROTOCOL"
+DEFAULTS = {"header_timeout_s": 10.0, "max_header_bytes": 16 * 1024}
+REFUSED: collections.Counter[int] = collections.Counter()  # status -> requests answered here, not by the app
+
+
+class RefusalCollector:
+    """Prometheus collector for ``REFUSED``: these answers never reach the app's request counter."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        family = CounterMetricFamily("g2g_protocol_refusals", "requests answered by the HTTP layer before the app: "
+                                     "400 malformed, 408 slow headers, 431 headers too large, 503 connection limit",
+                                     labels=["status"])
+        for status, count in sorted(REFUSED.items()):
+            family.add_metric([str(status)], count)
+        yield family
+
+
+def configure(header_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
+    """Set the bounds for this process and the workers it spawns; returns the class for uvicorn's ``http=``."""
+    os.environ[ENV] = json.dumps({"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes})
+    return GuardedHttpToolsProtocol
+
+
+def _settings() -> dict:
+    return {**DEFAULTS, **json.loads(os.environ.get(ENV, "{}"))}
+
+
+async def _busy(scope, receive, send) -> None:
+    REFUSED[503] += 1
+    await send_error(send, 503, "too many concurrent connections; try again", {"Retry-After": "1",
+                                                                                "Connection": "close"})
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """See the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        settings = _settings()
+        self.header_timeout_s = float(settings["header_timeout_s"])
+        self.max_header_bytes = int(settings["max_header_bytes"])
+        self._limit, self.limit_concurrency = self.limit_concurrency, None  # checked below, answered as JSON
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._in_headers = False
+        self._refused = False
+
+    # ------------------------------------------------------------ header deadline
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_bytes = 0
+        self._in_headers = True
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        self._in_headers = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _refuse(self, status: int, detail: str) -> None:
+        self._disarm()
+        self._refused = True
+        REFUSED[status] += 1
+        if self.transport.is_closing():
+            return
+        body = error_body(status, detail)
+        reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """Unparseable HTTP: uvicorn's 400, but as JSON like every other error."""
+        self._refuse(400, msg)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # not while a request is being answered
+            self._refuse(408, f"request headers not received within {self.header_timeout_s:g} s")
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._in_headers = True  # counts bytes of the next request; the keep-alive timer bounds idling
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # a pipelined request: its headers are timed from here
+            self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_headers:
+            if self._header_timer is None:  # first bytes after a response: the next request's headers are timed
+                self._arm()
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._in_headers and self._header_bytes > self.max_header_bytes:  # still no end of headers
+            self._refuse(431, f"request headers over the limit of {self.max_header_bytes:,} bytes")
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.max_header_bytes:
+            self._refuse(431, f"request headers over the limit of {self.max_header_bytes:,} bytes")
+            return
+        # this connection is one of self.connections; the task for this request is not in self.tasks yet
+        busy = self._limit is not None and (len(self.connections) > self._limit or len(self.tasks) >= self._limit)
+        if not busy:
+            return super().on_headers_complete()
+        app, self.app = self.app, _busy
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
