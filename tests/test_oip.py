@@ -206,17 +206,19 @@ def test_binary_request_parsing_checks_sizes():
 def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
     root = tmp_path / "repo"
     shutil.copytree(repo / "repo", root)
+    shutil.copytree(repo / "spare" / "2", root / "other" / "1")  # a second model: unloadable (not the default)
     # admission sheds load when the queue would take over --max-queue-ms; on this shared 2-core machine that can
     # happen without any swap, so the limit is lifted here: what is measured is whether the swap refuses requests
     app = _app(root, max_wait_ms=1, max_batch=8, max_queue_ms=10_000)
     url, server, thread = _serve(app)
     try:
         admin = {"authorization": f"Bearer {TOKEN}"}
-        index = httpx.post(f"{url}/v2/repository/index").json()
-        assert index == [{"name": "fmnist", "version": "1", "state": "READY", "reason": ""}]
+        def index(**kw):
+            return [(r["name"], r["version"], r["state"]) for r in httpx.post(f"{url}/v2/repository/index", **kw).json()]
+        assert index() == [("fmnist", "1", "READY"), ("other", "1", "READY")]
         old = weakref.ref(app.state.service.repository.served["fmnist"].model)
         shutil.copytree(repo / "spare" / "2", root / "fmnist" / "2")  # a new version appears on disk
-        assert [r["state"] for r in httpx.post(f"{url}/v2/repository/index").json()] == ["READY", "UNAVAILABLE"]
+        assert index()[:2] == [("fmnist", "1", "READY"), ("fmnist", "2", "UNAVAILABLE")]
 
         body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 1, 28, 28],
                             "data": images[0].ravel().tolist()}]}
@@ -246,8 +248,7 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
         assert versions[0][1] == "1" and versions[-1][1] == "2"
         assert {v for sent, v in versions if sent > swap_done} == {"2"}  # every request after the swap: version 2
         assert old() is None, "the old version's model is still referenced after the swap"  # freed without a gc pass
-        index = httpx.post(f"{url}/v2/repository/index").json()
-        assert [(r["version"], r["state"]) for r in index] == [("1", "UNAVAILABLE"), ("2", "READY")]
+        assert index()[:2] == [("fmnist", "1", "UNAVAILABLE"), ("fmnist", "2", "READY")]
         expected = np.asarray(load(root / "fmnist" / "2").predict(images[:1]))
         got = httpx.post(f"{url}/v2/models/fmnist/infer", json=body).json()["outputs"][0]["data"]
         np.testing.assert_allclose(np.array(got).reshape(1, -1), expected, atol=1e-6)
@@ -257,13 +258,15 @@ def test_repository_index_and_version_swap_under_load(tmp_path, repo, images):
         r = httpx.post(f"{url}/v2/repository/models/fmnist/load", headers=admin)
         assert r.status_code == 400 and "version 3 cannot be loaded" in r.json()["error"]
         assert httpx.get(f"{url}/v2/models/fmnist/versions/2/ready").status_code == 200
-        assert [(r["version"], r["state"]) for r in httpx.post(f"{url}/v2/repository/index").json()] == [
-            ("1", "UNAVAILABLE"), ("2", "READY"), ("3", "UNAVAILABLE")]
+        assert index()[:3] == [("fmnist", "1", "UNAVAILABLE"), ("fmnist", "2", "READY"), ("fmnist", "3", "UNAVAILABLE")]
         shutil.rmtree(root / "fmnist" / "3")
 
-        assert httpx.post(f"{url}/v2/repository/models/fmnist/unload", headers=admin).status_code == 200
-        assert httpx.get(f"{url}/v2/models/fmnist/ready").status_code == 404
-        assert httpx.post(f"{url}/v2/repository/index", json={"ready": True}).json() == []
+        r = httpx.post(f"{url}/v2/repository/models/fmnist/unload", headers=admin)
+        assert r.status_code == 409 and "default model" in r.json()["error"]  # /classify keeps its model
+        assert httpx.post(f"{url}/v2/repository/models/other/unload", headers=admin).status_code == 200
+        assert httpx.get(f"{url}/v2/models/other/ready").status_code == 404
+        assert index(json={"ready": True}) == [("fmnist", "2", "READY")]
+        assert httpx.post(f"{url}/v2/repository/models/other/unload", headers=admin).status_code == 404
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -159,7 +159,7 @@ class ModelRepository:
         async with self._lock(name):
             current = self.served.pop(name, None)
             if current is None:
-                raise OIPError(400, f"model {name!r} is not loaded")
+                raise OIPError(404, f"model {name!r} is not loaded")
             self.state[name, current.version] = ("UNLOADING", "draining in-flight requests")
             try:
                 await self._retire(current)

@@ -20,6 +20,7 @@ import g2gserve
 from ..auth import _same as same_secret
 from ..batching import Overloaded
 from ..deps import get_service
+from ..errors import error_responses
 from ..inputs import Body, decode_body
 from ..oip.protocol import (EXTENSIONS, OIPError, decompress, encode_infer_response, model_config,
                             model_metadata, parse_infer_request)
@@ -36,14 +37,25 @@ INFER_BODY = {"requestBody": {"content": {
                                                 "Inference-Header-Content-Length header), then the raw tensors"}}}}
 
 
+FOUND = error_responses(401, 404)
+INFER_RESPONSES = {200: {"description": "Probabilities or top-k labels: JSON, or JSON + binary tensors",
+                         "content": {"application/json": {}, "application/octet-stream": {}}},
+                   **error_responses(400, 401, 404, 408, 413, 415, 422, 503)}
+
+
 async def _answer(work: Awaitable[Any]) -> Any:
     """The protocol's error shape for every refusal: ``{"error": "..."}`` with its status."""
     try:
         return await work
     except OIPError as e:
-        return FastJSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+        return _error(e.status, str(e), e.headers)
     except HTTPException as e:  # shared helpers (decoding) speak FastAPI's exceptions
-        return FastJSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+        return _error(e.status_code, str(e.detail), e.headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> FastJSONResponse:
+    """``error`` for v2 clients; ``detail`` as in every other g2gserve error (server/errors.py's ErrorResponse)."""
+    return FastJSONResponse({"error": message, "detail": message}, status_code=status, headers=headers)
 
 
 def _busy(e: Overloaded) -> OIPError:
@@ -75,12 +87,11 @@ async def live():
     return {"live": True}
 
 
-@health.get("/v2/health/ready")
+@health.get("/v2/health/ready", responses=error_responses(503))
 async def ready(service: Service = Depends(get_service)):
     """Ready once the start-up models are loaded and warmed up."""
     if not service.ready:
-        return FastJSONResponse({"error": "the models are not loaded yet"}, status_code=503,
-                                headers={"Retry-After": "1"})
+        return _error(503, "the models are not loaded yet", {"Retry-After": "1"})
     return {"ready": True}
 
 
@@ -101,34 +112,34 @@ async def _config(service: Service, name: str, version: str | None):
     return model_config(served.name, f"g2gserve_{m.backend}", m.input_shape, m.classes, service.cfg.max_batch)
 
 
-@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}", responses=FOUND)
 async def metadata(name: str, service: Service = Depends(get_service)):
     """Inputs (UINT8 pixels or BYTES encoded images), output (FP32 probabilities), class names."""
     return await _answer(_metadata(service, name, None))
 
 
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", responses=FOUND)
 async def version_metadata(name: str, version: str, service: Service = Depends(get_service)):
     return await _answer(_metadata(service, name, version))
 
 
-@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/config", responses=FOUND)
 async def config(name: str, service: Service = Depends(get_service)):
     """Triton's model configuration (for perf_analyzer and other Triton tools)."""
     return await _answer(_config(service, name, None))
 
 
-@router.get("/v2/models/{name}/versions/{version}/config")
+@router.get("/v2/models/{name}/versions/{version}/config", responses=FOUND)
 async def version_config(name: str, version: str, service: Service = Depends(get_service)):
     return await _answer(_config(service, name, version))
 
 
-@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/ready", responses=FOUND)
 async def model_ready(name: str, service: Service = Depends(get_service)):
     return await _answer(_model_ready(service, name, None))
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready", responses=FOUND)
 async def model_version_ready(name: str, version: str, service: Service = Depends(get_service)):
     return await _answer(_model_ready(service, name, version))
 
@@ -173,13 +184,14 @@ async def _infer(service: Service, name: str, version: str | None, request: Requ
     return Response(content, headers=headers)
 
 
-@router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY, responses=INFER_RESPONSES)
 async def infer(name: str, request: Request, service: Service = Depends(get_service)):
     """v2 inference: JSON tensors, or a JSON header plus binary tensors (Inference-Header-Content-Length)."""
     return await _answer(_infer(service, name, None, request))
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY,
+             responses=INFER_RESPONSES)
 async def infer_version(name: str, version: str, request: Request, service: Service = Depends(get_service)):
     return await _answer(_infer(service, name, version, request))
 
@@ -205,24 +217,27 @@ async def _load(service: Service, name: str, request: Request):
 
 async def _unload(service: Service, name: str, request: Request):
     check_admin(request, service)
+    if service.served is not None and service.served.name == name:
+        raise OIPError(409, f"{name!r} is the default model (/classify, /model, /stats): load a new version of it "
+                            f"instead, or restart with another --default-model")
     await service.repository.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}
 
 
-@router.post("/v2/repository/index")
+@router.post("/v2/repository/index", responses=error_responses(400, 401))
 async def index(request: Request, service: Service = Depends(get_service)):
     """Every model version in the repository with its state (READY, UNAVAILABLE, LOADING, UNLOADING)."""
     return await _answer(_index(service, request))
 
 
-@router.post("/v2/repository/models/{name}/load")
+@router.post("/v2/repository/models/{name}/load", responses=error_responses(400, 401, 403, 404, 409))
 async def load_model(name: str, request: Request, service: Service = Depends(get_service)):
     """Serve the latest version on disk. If another version is served: load and warm the new one, switch, drain
     the old one (no request is refused). Needs the admin token."""
     return await _answer(_load(service, name, request))
 
 
-@router.post("/v2/repository/models/{name}/unload")
+@router.post("/v2/repository/models/{name}/unload", responses=error_responses(401, 403, 404, 409))
 async def unload_model(name: str, request: Request, service: Service = Depends(get_service)):
     """Stop serving a model once its admitted requests are answered. Needs the admin token."""
     return await _answer(_unload(service, name, request))
