@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from g2gserve.runtime import BACKENDS
+from g2gserve.runtime import BACKENDS, DTYPES
 
 from . import hardening
 from .app import create_app
@@ -40,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
-                        "lowest latency at small batches)")
+                        "lowest latency at small batches) on the CPU; triton (CUDA: one fused block-sparse kernel "
+                        "per layer)")
     p.add_argument("--variant", choices=("sparse", "dense"), default=d.variant,
                    help="dense: serve the dense twin of the same export (same function, dense weights), to compare "
                         "end to end")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                   help="cuda: torch or triton backend on the GPU, each batch size bucket (powers of two up to "
+                        "--max-batch) replayed as a CUDA graph")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                   help="torch/triton backends: precision (check it first: python -m g2gserve.runtime.precision)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="upper bound on how long a forward pass waits for admitted requests still being decoded "
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                           backend=args.backend, variant=args.variant, device=args.device,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_images_per_request=args.max_images, threads=args.threads,
+                          max_images_per_request=args.max_images, threads=args.threads, dtype=args.dtype,
                           decode_threads=args.decode_threads, calibrate=not args.no_calibrate,
                           **hardening.config_kwargs(args))
         bounds = hardening.uvicorn_options(args)  # TLS, keep-alive, connection limit, header bounds (http=)

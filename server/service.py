@@ -106,7 +106,8 @@ class Service:
 
     def _load(self, variant: str, path: Path):
         cfg = self.cfg
-        return load(path, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads)
+        return load(path, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads,
+                    dtype=cfg.dtype, max_batch=cfg.max_batch)  # CUDA: graphs per batch bucket, captured now
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(images), dtype=np.float32)
@@ -221,7 +222,7 @@ class Service:
         served = current.model
         models = {v: served if v == cfg.variant else self._load(v, current.path) for v in ("sparse", "dense")}
         batches = sorted({1, cfg.max_batch})
-        device = served.device if cfg.backend == "torch" else None
+        device = served.device if cfg.backend in ("torch", "triton") else None
         rows = sparse_vs_dense({cfg.backend: (models["sparse"], models["dense"])}, batches, cfg.calibration_seconds,
                                device=device)
         del models

@@ -70,9 +70,10 @@ def test_onnxruntime_and_fused_serve_without_torch(export_and_images):
 def test_torch_backend_imports_neither_onnx_nor_training_code(export_and_images):
     pytest.importorskip("torch")
     export, images, expected = export_and_images
-    out = _run(PROBE, export, images, "torch")
-    assert out["imported"] == ["torch"]
-    assert np.allclose(out["torch"], expected, atol=1e-6)
+    for source in (export, export.parent / "model.pt"):  # a model.pt is packed in memory, no ONNX graphs
+        out = _run(PROBE, source, images, "torch")
+        assert out["imported"] == (["torch"] if source == export else ["g2gserve.export", "torch"])
+        assert np.allclose(out["torch"], expected, atol=1e-6)
 
 
 def test_a_missing_backend_dependency_is_named(export_and_images):
@@ -125,3 +126,13 @@ def test_the_server_classifies_without_torch_like_the_torch_backend(export_and_i
     assert out["imported"] == []
     for backend in ("onnxruntime", "fused"):
         assert np.allclose(out[backend], expected, atol=1e-5), backend
+
+
+def test_install_size_measures_each_distribution():
+    from g2gserve.bench.install_size import distribution_sizes, report
+    sizes = distribution_sizes(sys.executable)
+    assert sizes["numpy"] > 2**20 and all(v >= 0 for v in sizes.values())
+    venv = Path(sys.prefix)
+    if (venv / "bin" / "python").exists():
+        text = report([venv, venv], top=len(sizes))
+        assert f"| numpy | {sizes['numpy'] / 2**20:,.1f} |" in text and "1.000x" in text

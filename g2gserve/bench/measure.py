@@ -111,7 +111,7 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
     ``pairs`` maps a backend name to loaded ``(sparse, dense)`` models. The backends take turns in chunks of
     ~``CHUNK_SECONDS`` (each chunk A B A B for one backend after a short warm-up), so a slow patch of a noisy
     machine hits all of them alike and "best vs best" compares the same minutes, while every call still follows
-    the other model of its pair. ``device`` (torch, CUDA) is used by the torch backend only.
+    the other model of its pair. ``device`` (torch, CUDA) is used by the torch and triton backends only.
     """
     chunks = max(1, round(seconds / CHUNK_SECONDS))
     rows = []
@@ -119,15 +119,16 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
         calls, times = {}, {}
         for backend, (sparse, dense) in pairs.items():
             x = model_input(sparse, n)
-            if backend == "torch" and device is not None and hasattr(x, "to"):
-                x = x.to(device)  # the host-to-device copy is not part of the timing
+            if backend in ("torch", "triton") and getattr(device, "type", None) == "cuda":
+                import torch
+                x = torch.as_tensor(x).to(device)  # the host-to-device copy is not part of the timing
             calls[backend] = {"sparse": partial(sparse.logits, x), "dense": partial(dense.logits, x)}
             times[backend] = {"sparse": [], "dense": []}
         for chunk in range(chunks):
             for backend in pairs:
                 t = interleaved(calls[backend], warmup=10 if chunk == 0 else 3, seconds=seconds / chunks,
                                 min_iters=-(-20 // chunks), max_iters=-(-1000 // chunks),
-                                device=device if backend == "torch" else None, run_length=run_length)
+                                device=device if backend in ("torch", "triton") else None, run_length=run_length)
                 for v in ("sparse", "dense"):
                     times[backend][v] += t[v]
         for backend in pairs:

@@ -5,14 +5,19 @@ layer is Reshape -> Gather (over input *tiles*) -> Reshape -> Transpose -> MatMu
 Reshape -> Add, whose initializers are only the live tiles, so file size and FLOPs shrink with
 sparsity, and the batch axis stays dynamic. onnxruntime has no fast kernel for unstructured sparse
 weights (sparse initializers are densified at load), so CSR layers are emitted as dense MatMuls.
+
+onnx is imported when a graph is built: packing a ``model.pt`` for the torch or fused runtime never loads it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from g2gserve.formats import PackedNet, encoder
+
+if TYPE_CHECKING:
+    import onnx
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -22,10 +27,12 @@ class _Graph:
     """The node/initializer builder that formats' ``onnx_nodes`` write into (``const``, ``shape``, ``op``)."""
 
     def __init__(self):
+        from onnx import helper, numpy_helper
+        self._helper, self._numpy_helper = helper, numpy_helper
         self.nodes, self.inits, self._n = [], [], 0
 
     def const(self, name: str, array) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def shape(self, name: str, dims: list[int]) -> str:
@@ -34,11 +41,13 @@ class _Graph:
     def op(self, op_type: str, inputs: list[str], **attrs) -> str:
         self._n += 1
         out = f"{op_type.lower()}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{op_type}_{self._n}", **attrs))
+        self.nodes.append(self._helper.make_node(op_type, inputs, [out], name=f"{op_type}_{self._n}", **attrs))
         return out
 
 
-def build_onnx(packed: PackedNet, opset: int = DEFAULT_OPSET, name: str = "g2gnet") -> onnx.ModelProto:
+def build_onnx(packed: PackedNet, opset: int = DEFAULT_OPSET, name: str = "g2gnet") -> "onnx.ModelProto":
+    import onnx
+    from onnx import TensorProto, helper
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
     g = _Graph()

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import torch
 from safetensors.numpy import save_file
 
 from g2gserve.bundle import (DENSE_ONNX, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, MODEL_ONNX, WEIGHTS, Bundle,
                              ExportError, FileEntry, LayerEntry, Manifest, Parity, Source, TensorEntry, sha256,
                              weight_tensors)
-from g2gserve.data.datasets import DataError, load_split
 from g2gserve.export.onnx_graph import DEFAULT_OPSET, build_onnx
 from g2gserve.fileio import atomic_directory
 from g2gserve.formats import PackedLayer, densify
@@ -26,6 +25,9 @@ from g2gserve.model.checkpoint import Checkpoint, load_model
 from g2gserve.model.g2gnet import G2GNet
 from g2gserve.runtime.ort import ort_session
 from g2gserve.versions import versions
+
+if TYPE_CHECKING:
+    import onnx
 
 PARITY_TOL = 1e-4
 PARITY_BATCHES = (1, 7, 64)
@@ -47,11 +49,11 @@ class Artifacts:
         return self.bundle.manifest
 
     @property
-    def model_onnx(self) -> onnx.ModelProto:
+    def model_onnx(self) -> "onnx.ModelProto":
         return self.bundle.graphs[MODEL_ONNX]
 
     @property
-    def dense_onnx(self) -> onnx.ModelProto:
+    def dense_onnx(self) -> "onnx.ModelProto":
         return self.bundle.graphs[DENSE_ONNX]
 
 
@@ -83,7 +85,7 @@ def build_artifacts(model: G2GNet, ckpt: Checkpoint, fmt: str = "auto", opset: i
         tensors={k: TensorEntry(list(v.shape), str(v.dtype)) for k, v in tensors.items()},
         sizes={"stored_weight_bytes": stored, "dense_weight_bytes": dense_bytes, "weight_ratio": stored / dense_bytes},
         unit_orders=[o.tolist() for o in packed.unit_orders], opset=opset,
-        versions=versions("torch", "onnx", "onnxruntime"))
+        versions=versions("torch", *(("onnx", "onnxruntime") if onnx_graphs else ())))  # what was used
     graphs = {MODEL_ONNX: build_onnx(packed, opset, name), DENSE_ONNX: build_onnx(densify(packed), opset, name + "-dense")} \
         if onnx_graphs else {}
     return Artifacts(Bundle(manifest, packed, None, graphs))
@@ -92,6 +94,7 @@ def build_artifacts(model: G2GNet, ckpt: Checkpoint, fmt: str = "auto", opset: i
 # ------------------------------------------------------------------ parity
 def parity_images(ckpt: Checkpoint, data_dir: str | Path | None = None, n: int = max(PARITY_BATCHES)) -> tuple[torch.Tensor, str]:
     """Real test images of the checkpoint's data set when they can be found (no download), else synthetic."""
+    from g2gserve.data.datasets import DataError, load_split  # only when writing an export
     dataset = ckpt.meta.get("dataset")
     if dataset:
         try:
@@ -143,6 +146,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "a
         raise ExportError(f"refusing to export {checkpoint}: artifacts disagree with the PyTorch model by more "
                           f"than {PARITY_TOL} ({detail})")
     m.source = Source(str(checkpoint), sha256(checkpoint))
+    import onnx
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(weight_tensors(art.packed), str(tmp / WEIGHTS), metadata={"format": EXPORT_FORMAT})
         onnx.save(art.model_onnx, str(tmp / MODEL_ONNX))
