@@ -2,7 +2,8 @@
 
 Inference follows ``/classify`` step by step: admission into the served version's batcher before the body
 is read (which also keeps that version from being drained under the request), decoding of encoded images in
-the decode pool, one shared forward pass, the same metrics. Every error answers ``{"error": "..."}``.
+the decode pool, one shared forward pass, the same metrics. Every error of these routes answers
+``{"error": "...", "detail": "..."}``: the protocol's field and the project's (server/errors.py).
 """
 from __future__ import annotations
 
@@ -35,8 +36,6 @@ INFER_BODY = {"requestBody": {"content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                  "description": "binary-tensor extension: the JSON request (its length in the "
                                                 "Inference-Header-Content-Length header), then the raw tensors"}}}}
-
-
 FOUND = error_responses(401, 404)
 INFER_RESPONSES = {200: {"description": "Probabilities or top-k labels: JSON, or JSON + binary tensors",
                          "content": {"application/json": {}, "application/octet-stream": {}}},
@@ -44,7 +43,7 @@ INFER_RESPONSES = {200: {"description": "Probabilities or top-k labels: JSON, or
 
 
 async def _answer(work: Awaitable[Any]) -> Any:
-    """The protocol's error shape for every refusal: ``{"error": "..."}`` with its status."""
+    """Every refusal in the protocol's error shape (plus ``detail``), with its status."""
     try:
         return await work
     except OIPError as e:
