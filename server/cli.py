@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line costs about as much as a small request)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop (auto: uvloop when installed)")
+    p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
+                   help="HTTP parser: httptools (with header bounds) or h11 (pure Python, no header bounds; for "
+                        "comparisons only)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     hardening.add_arguments(p)
     return p
@@ -127,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
     common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
-                  access_log=args.access_log, loop="auto",  # auto: uvloop when installed
+                  access_log=args.access_log, loop=args.loop,  # auto: uvloop when installed
                   **bounds)  # http=: uvicorn's httptools protocol with header bounds (server/protocol.py)
+    if args.http == "h11":  # the pure-Python parser, for comparisons (servebench): without the header bounds
+        common["http"] = "h11"
     if args.workers == 1:
         hardening.exit_zero_on_sigterm()
         uvicorn.run(create_app(cfg), **common)

@@ -41,7 +41,7 @@ class Latency:
 
 def _timer(device: Any | None):
     """A function timing one call: CUDA events (with synchronisation) on GPU, perf_counter on CPU."""
-    if device is not None and device.type == "cuda":
+    if device is not None and getattr(device, "type", device) == "cuda":
         import torch  # only on the GPU path: a slim (torch-free) server never gets here
 
         def time_cuda(fn):
@@ -94,14 +94,10 @@ def pairwise_speedup(sparse: list[float], dense: list[float]) -> float:
     return statistics.median(d / s for s, d in zip(sparse, dense))
 
 
-def model_input(model, batch: int):
+def model_input(model, batch: int) -> np.ndarray:
     """Normalised input for ``model.logits``: random uint8 images of the model's shape (seeded by ``batch``)."""
     images = np.random.default_rng(batch).integers(0, 256, (batch, *model.input_shape), dtype=np.uint8)
-    try:
-        return model.preprocess(images)
-    except (AttributeError, TypeError):  # a runtime whose preprocessing takes torch tensors only
-        import torch
-        return model.preprocess(torch.from_numpy(images))
+    return model.preprocess(images)
 
 
 def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], seconds: float, device: Any | None = None,
@@ -119,9 +115,9 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
         calls, times = {}, {}
         for backend, (sparse, dense) in pairs.items():
             x = model_input(sparse, n)
-            if backend in ("torch", "triton") and getattr(device, "type", None) == "cuda":
+            if backend in ("torch", "triton"):  # a tensor on the model's device: no conversion or copy inside the timing
                 import torch
-                x = torch.as_tensor(x).to(device)  # the host-to-device copy is not part of the timing
+                x = torch.from_numpy(x).to(device if device is not None else "cpu")
             calls[backend] = {"sparse": partial(sparse.logits, x), "dense": partial(dense.logits, x)}
             times[backend] = {"sparse": [], "dense": []}
         for chunk in range(chunks):
