@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import importlib.machinery
 import json
 import os
 import threading
@@ -12,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from g2gserve.bench.install_size import load_summary
 from g2gserve.bench.measure import Latency, peak_memory, sparse_vs_dense
+from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.fileio import atomic_write_text
 from g2gserve.runtime import load
 
@@ -187,19 +190,43 @@ class Service:
             "weights": {"sparse_bytes": sizes["stored_weight_bytes"], "dense_bytes": sizes["dense_weight_bytes"],
                         "ratio": sizes["stored_weight_bytes"] / sizes["dense_weight_bytes"]},
         }
-        if cfg.memory_probe:
+        # the torch-based probe only where torch is installed (a fresh process; a [serve]-only install has none)
+        if cfg.memory_probe and importlib.machinery.PathFinder.find_spec("torch") is not None:
             mem = {v: peak_memory(cfg.model, cfg.backend, v, cfg.max_batch, str(served.device), cfg.threads or 1)
                    for v in ("sparse", "dense")}
             result["resident_memory"] = {"sparse_peak_bytes": mem["sparse"]["vmhwm_bytes"],
                                          "dense_peak_bytes": mem["dense"]["vmhwm_bytes"],
                                          "saving_bytes": mem["dense"]["vmhwm_bytes"] - mem["sparse"]["vmhwm_bytes"]}
+        if cfg.memory_probe:
+            slim = self._slim_memory()
+            if slim is not None:
+                result["resident_memory_slim"] = slim
+        install = load_summary()  # measured by make install-size; never measured here (it takes minutes)
+        if install is not None:
+            result["install_size"] = {"bytes": {i["name"]: i["total_bytes"] for i in install["installs"]},
+                                      "ratio_to_" + install["reference"]: install["ratios"]}
         b1, bm = timing["batch_1"], timing[f"batch_{cfg.max_batch}"]
         result["summary"] = (
             f"on this machine the sparse model is {b1['speedup']:.2f}x as fast as its dense twin at batch 1 and "
             f"{bm['speedup']:.2f}x at batch {cfg.max_batch}, and stores {result['weights']['ratio']:.2f}x the "
             f"weight bytes" + (f"; a fresh process serving it peaks {result['resident_memory']['saving_bytes'] / 2**20:.1f}"
-                               f" MiB lower" if "resident_memory" in result else ""))
+                               f" MiB lower" if "resident_memory" in result else "")
+            + (f"; without torch (a [serve] install) {result['resident_memory_slim']['saving_bytes'] / 2**20:.1f} MiB "
+               f"lower ({result['resident_memory_slim']['ratio']:.2f}x the dense twin's peak)"
+               if "resident_memory_slim" in result else ""))
         return result
+
+    def _slim_memory(self) -> dict | None:
+        """Peak RSS of fresh sparse and dense processes with torch blocked, as in a ``[serve]``-only install (the
+        served backend where it is a slim one, else onnxruntime); None for a model.pt, which needs torch."""
+        cfg = self.cfg
+        if not Path(cfg.model).is_dir():
+            return None
+        backend = cfg.backend if cfg.backend in SLIM_BACKENDS else "onnxruntime"
+        mem = {v: peak_memory(cfg.model, backend, v, cfg.max_batch, "cpu", cfg.threads or 1, slim=True)["vmhwm_bytes"]
+               for v in ("sparse", "dense")}
+        return {"backend": backend, "sparse_peak_bytes": mem["sparse"], "dense_peak_bytes": mem["dense"],
+                "saving_bytes": mem["dense"] - mem["sparse"], "ratio": mem["sparse"] / mem["dense"]}
 
     # -------------------------------------------------------------- live figures
     def live_stats(self) -> dict:
