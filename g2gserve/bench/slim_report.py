@@ -26,6 +26,7 @@ from g2gserve.bench.install_size import DEFAULT_JSON, load_summary
 from g2gserve.bench.measure import machine_info, peak_memory
 from g2gserve.bench.memprobe import SLIM_BACKENDS, vm_hwm_bytes, vm_rss_bytes
 from g2gserve.fileio import atomic_write_text
+from server.service import LIVE_WINDOW
 
 MIB = 2**20
 PEAK_TARGET = 150 * MIB
@@ -81,8 +82,9 @@ def serve_run(model: Path, backend: str, requests: int, workdir: Path) -> dict:
         out["seconds"] = time.perf_counter() - t
         out["vmhwm_bytes"] = vm_hwm_bytes(pid)
         out["ready_rss_bytes"] = ready_rss
-    tail = [rss for n, rss in out["rss_trace"] if n > requests // 10]
-    out["flat_spread"] = (max(tail) / min(tail) - 1) if tail else None
+    tail = [(n, rss) for n, rss in out["rss_trace"] if n > requests // 10]
+    out["flat_spread"] = (max(r for _, r in tail) / min(r for _, r in tail) - 1) if tail else None
+    out["growth_bytes_per_request"] = (tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0]) if len(tail) > 1 else None
     return {"backend": backend, **out}
 
 
@@ -154,12 +156,18 @@ def markdown(result: dict) -> str:
               f"`g2g-serve` with torch blocked (`python -m g2gserve.bench.notorch server.cli ...`), `--threads 1 "
               f"--no-calibrate`, {CLIENTS} keep-alive loopback clients, a fixed mix of {MIX - 1} single-PNG requests "
               "and one 16-PNG request.", "",
-              "| backend | requests | non-200 | seconds | RSS when ready | peak RSS (VmHWM) | RSS spread, last 90% |",
-              "|---|---|---|---|---|---|---|"]
+              "| backend | requests | non-200 | seconds | RSS when ready | peak RSS (VmHWM) | RSS spread, last 90% "
+              "| RSS growth per request, last 90% |", "|---|---|---|---|---|---|---|---|"]
     for r in result["serve"]:
         spread = "n/a" if r["flat_spread"] is None else f"{r['flat_spread']:.2%}"
+        growth = r.get("growth_bytes_per_request")
         lines.append(f"| {r['backend']} | {r['requests']:,} | {r['errors']} | {r['seconds']:.1f} | "
-                     f"{r['ready_rss_bytes'] / MIB:.1f} MiB | {r['vmhwm_bytes'] / MIB:.1f} MiB | {spread} |")
+                     f"{r['ready_rss_bytes'] / MIB:.1f} MiB | {r['vmhwm_bytes'] / MIB:.1f} MiB | {spread} | "
+                     f"{'n/a' if growth is None else f'{growth:.0f} B'} |")
+    lines += ["", f"The server keeps the figures of its last {LIVE_WINDOW:,} requests for `/stats` (a bounded "
+              "window), which fills during the first requests of this run: resident memory may grow per request "
+              "(last column) until it is full and should stay flat after it (run with `--requests "
+              f"{2 * LIVE_WINDOW}` to check)."]
     lines += ["", "## Sparse vs dense: peak RSS of fresh processes", "",
               f"`memprobe` (load, warm up at batch 1 and {result['batch']}, a fixed request mix); slim = torch "
               "blocked, as in a `[serve]`-only install. The fused backend's kernel is compiled once before (numba "
