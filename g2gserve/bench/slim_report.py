@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if not backends or any(b not in SLIM_BACKENDS for b in backends):
         p.error(f"--backends: choose among {', '.join(SLIM_BACKENDS)}")
-    for name, path in (("demo", args.demo), ("wide", args.wide)):
-        if name == "demo" and not (path / "manifest.json").exists():
-            p.error(f"{path}: not an export directory (make demo writes runs/demo/export)")
+    if not (args.demo / "manifest.json").exists():
+        p.error(f"{args.demo}: not an export directory (make demo writes runs/demo/export)")
     if not (args.wide / "manifest.json").exists():
+        if args.wide.name != "export":
+            p.error(f"--wide {args.wide}: no export there; name DIR/export to have it built (model.pt in DIR)")
         from g2gserve.bench.wide import build_wide
         print(f"building the wide model into {args.wide.parent}", file=sys.stderr)
         build_wide(args.wide.parent)
