@@ -90,3 +90,11 @@ def test_slim_report_serves_without_torch_and_judges_every_target(export_dir, in
     assert result["machine"]["cpu"] in page and result["machine"]["isa"] in page
     assert page.count("| **met** |") + page.count("| **missed** |") == len(result["targets"]) == 5
     assert (out / "slim.png").stat().st_size > 0
+
+
+def test_bench_page_names_the_install_sizes(install_json):
+    from g2gserve.bench.measure import machine_info
+    from server.bench import markdown
+    page = markdown({"machine": machine_info(), "device": "cpu", "threads": 1, "command": "g2g-bench x",
+                     "install_size": install_size.load_summary()})
+    assert "`[serve]`" in page and "`[serve]` is 1.000x `[full]`" in page
