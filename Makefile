@@ -65,27 +65,23 @@ test-slim: install $(SLIM_VENV)/.installed
 
 # The served path end to end (docs/serving.md): the no-op ceiling, the sparse and the dense server in turn, pinned
 # to core 0, driven by wrk on core 1. Needs wrk (sudo apt-get install -y wrk) and an export (make demo).
+MODEL ?= $(DEMO)/export
 SERVE_SECONDS ?= 10
 serve-bench: install
 	@command -v wrk > /dev/null || { echo "serve-bench needs wrk: sudo apt-get install -y wrk"; exit 2; }
 	$(PY) -m server.servebench $(MODEL) --seconds $(SERVE_SECONDS) --out docs
 
-# The CUDA checks, for a machine with a GPU: the CUDA tests (and the rest of the suite), real Fashion-MNIST
-# training on CUDA, side-by-side epoch times, and g2g-bench on CUDA. Runs with any Python that already has
-# the dependencies (`make gpu-check GPU_PY=python3 FMNIST=DIR MODEL=EXPORT_DIR`); docs/benchmarks.md quotes it.
+# The GPU check, for a machine with a GPU, in one script (.ci/gpu-check, ~6-8 minutes on an H100/H200): the CUDA
+# tests (Triton kernel parity compiled on the GPU, CUDA graphs, precisions), real Fashion-MNIST training on CUDA and
+# its export, the precision gate (fp32/tf32/bf16/fp16 on the real test set) and g2g-bench --device cuda (best sparse
+# vs best dense per precision, CUDA graphs, hidden 1024/4096/8192). Runs with any Python that already has the
+# dependencies (`make gpu-check GPU_PY=python3 FMNIST=DIR`); writes the tables docs/benchmarks.md links to GPU_DOCS.
 GPU_PY ?= $(PY)
 GPU_OUT ?= runs/gpu
+GPU_DOCS ?= docs/benchmarks/gpu
 FMNIST ?= /usr/share/datasets/fashion-mnist
-MODEL ?= $(DEMO)/export
 gpu-check:
-	mkdir -p $(GPU_OUT)
-	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-	$(GPU_PY) -m pytest -q -p no:cacheprovider tests 2>&1 | tee $(GPU_OUT)/pytest.txt
-	$(GPU_PY) -m training.fit --device cuda --dataset fashion-mnist --data-dir $(FMNIST) --epochs 3 --no-progress \
-		--out $(GPU_OUT)/fit 2>&1 | tee $(GPU_OUT)/fit.txt
-	$(GPU_PY) -m training.epoch_time --device cuda --data-dir $(FMNIST) --repeats 2 2>&1 | tee $(GPU_OUT)/epoch_time.txt
-	$(GPU_PY) -m server.bench $(MODEL) --device cuda --backends torch --batch-sizes 1,8,64,256 --seconds 1.5 \
-		--sweep --out $(GPU_OUT)/bench
+	GPU_PY=$(GPU_PY) GPU_OUT=$(GPU_OUT) GPU_DOCS=$(GPU_DOCS) FMNIST=$(FMNIST) .ci/gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

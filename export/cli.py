@@ -9,6 +9,8 @@ from g2gserve.model.checkpoint import CheckpointError
 from g2gserve.export import ExportError, export_checkpoint
 from g2gserve.formats.packing import FORMAT_CHOICES
 from g2gserve.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET
+from g2gserve.runtime.precision import gate_all, parse_dtypes
+from g2gserve.runtime.precision import markdown as precision_markdown
 
 
 def size_table(m: dict) -> str:
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     p.add_argument("--data-dir", type=Path, default=None, help="where to find real test images for the parity check")
     p.add_argument("--force", action="store_true", help="replace an existing export directory")
+    p.add_argument("--dtype", default="", metavar="LIST",
+                   help="also gate these precisions (e.g. tf32,bf16,fp16: top-1 agreement with fp32 >= 99.5%% on the "
+                        "real test set, needs --data-dir or the Debian package) and record each in manifest.json; "
+                        "exits 1 if one fails (the fp32 export stays written)")
+    p.add_argument("--dtype-device", choices=("cpu", "cuda"), default="cpu",
+                   help="where --dtype is gated: cpu (torch backend) or cuda (triton backend)")
     return p
 
 
@@ -62,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset < MIN_OPSET:
         parser.error(f"--opset {args.opset} is too old; use {MIN_OPSET} or newer")
     out = args.out or args.checkpoint.parent / "export"
+    try:
+        dtypes = parse_dtypes(args.dtype)
+    except ValueError as e:
+        parser.error(str(e))
     if out.exists() and not args.force:
         parser.error(f"{out} already exists; pass --force to replace it")
     try:
@@ -71,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(size_table(manifest))
     print(f"\nwrote {out}/ (manifest.json, weights.safetensors, model.onnx, dense.onnx)")
+    if dtypes:
+        backend = "triton" if args.dtype_device == "cuda" else "torch"
+        try:
+            results = gate_all(out, dtypes, backend, args.dtype_device, args.data_dir, save=True)
+        except ValueError as e:
+            print(f"g2g-export: error: precision gate: {e}", file=sys.stderr)
+            return 1
+        print("\n" + precision_markdown(results))
+        if not all(r["passed"] for r in results):
+            print("g2g-export: error: a precision failed its gate (recorded in manifest.json)", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -91,6 +91,21 @@ class Source:
 
 
 @dataclass
+class PrecisionGate:
+    """A reduced precision checked against fp32 on real test images (``g2gserve.runtime.precision``)."""
+
+    dtype: str
+    backend: str
+    device: str
+    inputs: str
+    images: int
+    top1_agreement: float
+    max_prob_diff: float
+    rule: str
+    passed: bool
+
+
+@dataclass
 class Manifest:
     """``manifest.json``. ``parity``, ``source`` and ``files`` are null only for a bundle built in memory."""
 
@@ -111,6 +126,7 @@ class Manifest:
     parity: Union[Parity, None] = None
     source: Union[Source, None] = None
     files: Union[dict[str, FileEntry], None] = None
+    precision: Union[dict[str, PrecisionGate], None] = None  # per dtype, recorded after the export
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +173,7 @@ def _parse(value: Any, tp: Any, where: str) -> Any:
         return {k: _parse(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}[tp](value)
     if not ok:
@@ -187,7 +203,7 @@ def _schema(tp: Any, defs: dict) -> dict:
         return {"type": "object", "additionalProperties": _schema(args[1], defs)}
     if tp is Any:
         return {}
-    return {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
             type(None): {"type": "null"}}[tp]
 
 

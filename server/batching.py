@@ -177,6 +177,9 @@ class MicroBatcher:
                             retry_after=self.estimated_wait(n))
         self.pending_images += n
         self._idle.clear()
+        if not self._queued and not self._running_images and n <= self.max_batch \
+                and 0 < self.cost.seconds(n) < INLINE_S:
+            return self._run_inline(images)  # the model is free and the pass is short: no hop to the worker task
         future = asyncio.get_running_loop().create_future()
         self._queued.append(_Item(images, future, time.perf_counter()))
         self._queued_images += n
@@ -184,6 +187,22 @@ class MicroBatcher:
         return await future
 
     # ------------------------------------------------------------------ the worker
+    def _run_inline(self, images: np.ndarray) -> BatchResult:
+        """A forward pass right here, on the event loop (nothing is queued or running, and it is short)."""
+        n = len(images)
+        started = time.perf_counter()
+        try:
+            probs = self.predict(images)
+        finally:
+            self.pending_images -= n
+            if self.pending_images == 0:
+                self._idle.set()
+        elapsed = time.perf_counter() - started
+        self.cost.observe(n, elapsed)
+        if self.on_batch:
+            self.on_batch(n, elapsed)
+        return BatchResult(probs, 0.0, elapsed)
+
     def _take(self, batch: list[_Item], count: int) -> int:
         while self._queued and (not batch or count + len(self._queued[0].images) <= self.max_batch):
             item = self._queued.popleft()

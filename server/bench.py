@@ -19,7 +19,7 @@ from g2gserve.bundle import read_bundle
 from g2gserve.fileio import atomic_write_text
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
-from g2gserve.runtime import BACKENDS, load
+from g2gserve.runtime import BACKENDS, CPU_BACKENDS, DTYPES, load
 from g2gserve.runtime.torch_backend import PackedModule
 
 SWEEP_SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
@@ -213,8 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, nargs="?", help="export directory or model.pt (optional with --sweep)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
-    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS), help="comma-separated: torch, onnxruntime, fused")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: torch backend on the GPU")
+    p.add_argument("--backends", type=_csv(str), default=list(CPU_BACKENDS), help="comma-separated: torch, onnxruntime, fused")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: best sparse (torch block layer or Triton kernel) vs dense at each --dtypes, all in "
+                        "CUDA graphs (g2gserve/bench/gpu.py); --sweep then adds random models of --sweep-hidden width")
+    p.add_argument("--dtypes", type=_csv(str), default=["tf32", "bf16"], help="with --device cuda: precisions "
+                   f"({', '.join(DTYPES)})")
+    p.add_argument("--sweep-hidden", type=_csv(int), default=[4096, 8192],
+                   help="with --device cuda --sweep: hidden widths (3 layers) of the random G2GNets")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (and pinned cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend and batch size (after warm-up); the backends take turns in chunks of "
                         f"~{CHUNK_SECONDS} s")
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda asked for but torch sees no CUDA device")
-        args.backends = [b for b in args.backends if b == "torch"] or parser.error("--device cuda needs --backends torch")
+        if any(d not in DTYPES for d in args.dtypes) or not args.dtypes:
+            parser.error(f"--dtypes: choose from {', '.join(DTYPES)}")
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.threads < 1 or args.run_length < 1:
         parser.error("batch sizes, --threads and --run-length must be positive")
     if args.model is not None and not args.model.exists():
@@ -256,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "run_length": args.run_length, "pinned_cores": cores,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
-        if args.model is not None:
+        if args.device == "cuda":
+            from g2gserve.bench.gpu import gpu_bench
+            result |= gpu_bench(args.model, args.batch_sizes, args.dtypes, args.seconds,
+                                args.sweep_hidden if args.sweep else [])
+        elif args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
                                   args.seconds, memory=not args.no_memory, run_length=args.run_length)
             if not args.no_memory and load_summary() is not None:  # make install-size's measurement, if any
@@ -265,19 +276,24 @@ def main(argv: list[str] | None = None) -> int:
             shape = tuple(read_bundle(args.model).packed.input_shape)
             result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}
                                  for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
-        if args.sweep:
+        if args.sweep and args.device == "cpu":
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"g2g-bench: error: {e}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "bench.json", json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
+    if args.device == "cuda":
+        from g2gserve.bench.gpu import markdown as gpu_markdown
+        table = gpu_markdown(result)
+    else:
+        table = markdown(result)
+        plot(result, args.out / "bench.png")
     atomic_write_text(args.out / "bench.md", table)
-    plot(result, args.out / "bench.png")
     print()
     print(table)
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} and {args.out / 'bench.png'}")
+    written = ["bench.json", "bench.md"] + (["bench.png"] if args.device == "cpu" else [])
+    print("wrote " + ", ".join(str(args.out / f) for f in written))
     return 0
 
 

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from g2gserve.runtime import BACKENDS
+from g2gserve.runtime import BACKENDS, DTYPES
 
 from . import hardening
 from .app import create_app
@@ -32,11 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="torch (CPU or CUDA), onnxruntime (model.onnx) or fused (compiled CPU kernel, "
-                        "lowest latency at small batches)")
+                        "lowest latency at small batches) on the CPU; triton (CUDA: one fused block-sparse kernel "
+                        "per layer)")
     p.add_argument("--variant", choices=("sparse", "dense"), default=d.variant,
                    help="dense: serve the dense twin of the same export (same function, dense weights), to compare "
                         "end to end")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                   help="cuda: torch or triton backend on the GPU, each batch size bucket (powers of two up to "
+                        "--max-batch) replayed as a CUDA graph")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                   help="torch/triton backends: precision (check it first: python -m g2gserve.runtime.precision)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="upper bound on how long a forward pass waits for admitted requests still being decoded "
@@ -55,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true", help="skip the start-up sparse-vs-dense measurement")
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line costs about as much as a small request)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop (auto: uvloop when installed)")
+    p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
+                   help="HTTP parser: httptools (with header bounds) or h11 (pure Python, no header bounds; for "
+                        "comparisons only)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     hardening.add_arguments(p)
     return p
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServeConfig(model=str(args.model), backend=args.backend, variant=args.variant, device=args.device,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_images_per_request=args.max_images, threads=args.threads,
+                          max_images_per_request=args.max_images, threads=args.threads, dtype=args.dtype,
                           decode_threads=args.decode_threads, calibrate=not args.no_calibrate,
                           **hardening.config_kwargs(args))
         bounds = hardening.uvicorn_options(args)  # TLS, keep-alive, connection limit, header bounds (http=)
@@ -99,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g2g-serve: error: {e}", file=sys.stderr)
         return 2
     common = dict(host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level=args.log_level,
-                  access_log=args.access_log, loop="auto",  # auto: uvloop when installed
+                  access_log=args.access_log, loop=args.loop,  # auto: uvloop when installed
                   **bounds)  # http=: uvicorn's httptools protocol with header bounds (server/protocol.py)
+    if args.http == "h11":  # the pure-Python parser, for comparisons (servebench): without the header bounds
+        common["http"] = "h11"
     if args.workers == 1:
         hardening.exit_zero_on_sigterm()
         uvicorn.run(create_app(cfg), **common)

@@ -244,11 +244,14 @@ def measure(model: Path, backend: str, seconds: float, connections: tuple[int, .
         (workdir / name).write_bytes(data)
     serve = ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
              "--no-calibrate", "--log-level", "warning"]
-    servers = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"]}
+    servers = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"],
+               "sparse-h11": serve + ["--loop", "asyncio", "--http", "h11"]}  # what uvloop + httptools buy
     cells, extra = [], {}
     for name, args in servers.items():
         with Server(args, workdir / f"{name}.log") as srv:
             for kind, images in KINDS.items():
+                if name == "sparse-h11" and kind != "png1":
+                    continue
                 path, ctype, shape = workdir / kind, payloads[kind][1], SHAPES.get(kind, "")
                 run_wrk(srv.url, path, ctype, 1, min(1.0, seconds), lua, shape)  # warm-up
                 for c in connections:
@@ -321,7 +324,8 @@ def markdown(result: dict) -> str:
              + ("" if result["pinned"] else " — **not pinned** (taskset missing or a single core)") + ". "
              f"Model `{result['model']}`, backend `{result['backend']}`, 1 intra-op thread, 1 decode thread, "
              f"{result['seconds']:g} s per cell. Ceiling: the same FastAPI + uvicorn stack whose /classify only "
-             "reads the body (`python -m server.noop`).", "",
+             "reads the body (`python -m server.noop`). `sparse-h11`: the sparse server on the pure-Python stack "
+             "(`--loop asyncio --http h11`), to show what uvloop + httptools buy.", "",
              "## Targets (issue 12)", "", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
@@ -367,7 +371,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, kind, key, label in ((axes[0], "png1", "ok_rps", "answered req/s"),
                                  (axes[1], "png64", "images_per_s", "answered images/s"),
                                  (axes[2], "raw64", "images_per_s", "answered images/s")):
-        for server, style in (("ceiling", "k^--"), ("sparse", "o-"), ("dense", "s-")):
+        for server, style in (("ceiling", "k^--"), ("sparse", "o-"), ("dense", "s-"), ("sparse-h11", "x:")):
             rs = [r for r in result["cells"] if r["server"] == server and r["kind"] == kind]
             if rs:
                 ax.plot([r["connections"] for r in rs], [r[key] if server != "ceiling" else r["rps"] * r["images"]

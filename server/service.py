@@ -73,13 +73,15 @@ class Service:
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
         self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
+        self.warmup: list[tuple[int, float]] = []  # (images, seconds) of the warm-up passes: the cost model's seed
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
 
     # -------------------------------------------------------------- start-up
     def _load(self, variant: str):
         cfg = self.cfg
-        return load(cfg.model, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads)
+        return load(cfg.model, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads,
+                    dtype=cfg.dtype, max_batch=cfg.max_batch)  # CUDA: graphs per batch bucket, captured now
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(images), dtype=np.float32)
@@ -91,7 +93,7 @@ class Service:
             torch.set_num_threads(self.cfg.threads)
         self.model = self._load(self.cfg.variant)
         warm = np.zeros((self.cfg.max_batch, *self.model.input_shape), dtype=np.uint8)
-        self.warmup = []
+        self.warmup.clear()
         for n in (1, self.cfg.max_batch, 1, self.cfg.max_batch):  # the second round is timed: the cost model's seed
             t = time.perf_counter()
             self.predict(warm[:n])
@@ -176,7 +178,7 @@ class Service:
         cfg, served = self.cfg, self.model
         models = {v: served if v == cfg.variant else self._load(v) for v in ("sparse", "dense")}
         batches = sorted({1, cfg.max_batch})
-        device = served.device if cfg.backend == "torch" else None
+        device = served.device if cfg.backend in ("torch", "triton") else None
         rows = sparse_vs_dense({cfg.backend: (models["sparse"], models["dense"])}, batches, cfg.calibration_seconds,
                                device=device)
         del models

@@ -92,10 +92,11 @@ def test_cuda_is_refused_cleanly_without_a_gpu(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path(tmp_path):
     _, _, path = _checkpoint(tmp_path, granularity="block")
-    assert main([str(path), "--device", "cuda", "--backends", "torch", "--seconds", "0.05",
-                 "--out", str(tmp_path / "b")]) == 0
+    assert main([str(path), "--device", "cuda", "--batch-sizes", "1,8", "--dtypes", "fp32,bf16", "--seconds", "0.05",
+                 "--sweep", "--sweep-hidden", "1024", "--out", str(tmp_path / "b")]) == 0
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert result["machine"]["gpu"] and "cuda_max_allocated_bytes" in result["memory"][0]
+    assert result["machine"]["gpu"] and len(result["gpu_rows"]) == 2 * 2 * 2  # 2 models x 2 dtypes x 2 batches
+    assert all(r["speedup"] > 0 for r in result["gpu_rows"]) and "| model | precision |" in (tmp_path / "b" / "bench.md").read_text()
 
 
 def test_break_even_interpolates():

@@ -51,6 +51,18 @@ def test_resume_gives_the_same_weights(idx_dir, tmp_path, capsys):
     assert len(ckpt_b.history) == 3
 
 
+def test_resume_keeps_the_saved_unit_groups(idx_dir, tmp_path):
+    """A resumed run takes its unit groups from state.pt, never from a fresh draw of the seed."""
+    assert _fit(idx_dir, tmp_path / "g", "--epochs", "2", "--stop-after", "1") == 0
+    state = torch.load(tmp_path / "g" / "state.pt", weights_only=True)
+    n_groups = 4  # TINY_FLAGS
+    state["groups"] = [(g + 1) % n_groups for g in state["groups"]]  # another valid grouping
+    torch.save(state, tmp_path / "g" / "state.pt")
+    assert main(["--out", str(tmp_path / "g"), "--resume", "--data-dir", str(idx_dir), "--no-progress"]) == 0
+    _, ckpt = load_model(tmp_path / "g" / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(ckpt.groups, state["groups"]))
+
+
 def test_resume_rejects_conflicting_flags_and_missing_state(idx_dir, tmp_path, capsys):
     assert _fit(idx_dir, tmp_path / "r", "--epochs", "2", "--stop-after", "1") == 0
     with pytest.raises(SystemExit) as e:

@@ -20,6 +20,7 @@ from g2gserve.model.g2gnet import G2GNet, hidden_masks
 
 from .distributed import SINGLE, World
 from .hebbian import HebbianTracker
+from .loop import run_generator
 
 PRUNE = ("magnitude", "random", "hebbian", "mixed")
 REGROW = ("random", "gradient", "hebbian")
@@ -174,7 +175,7 @@ class MaskScheduler:
     def update(self) -> None:
         self._share_scores()
         frac = self.fraction_at(self.step)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        gen = run_generator(self.seed, self.step)
         for k, layer in enumerate(self.layers):
             live = self._pool(k, layer.mask) > 0
             # Never prune more than can be regrown elsewhere: the edge count must stay exact.

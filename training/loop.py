@@ -14,9 +14,15 @@ from g2gserve.data.preprocess import Preprocess
 from .distributed import SINGLE, World
 
 
+def run_generator(seed: int, counter: int) -> torch.Generator:
+    """Randomness that depends only on (seed, counter), e.g. an epoch's shuffling or a DST update's draws, so a
+    resumed run replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + counter)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Shuffling/augmentation randomness of one epoch depends only on (seed, epoch): resume replays it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """Shuffling/augmentation randomness of one epoch."""
+    return run_generator(seed, epoch)
 
 
 def cosine_lambda(total_steps: int):

@@ -17,7 +17,8 @@ from g2gserve.data.datasets import ImageSet, dataset_info, load_split
 from g2gserve.data.preprocess import Preprocess
 from g2gserve.fileio import atomic_write, atomic_write_text
 from g2gserve.model.accounting import model_summary
-from g2gserve.model.checkpoint import Checkpoint, CheckpointError, from_model, safe_torch_load, save_checkpoint
+from g2gserve.model.checkpoint import (Checkpoint, CheckpointError, check_groups, from_model, safe_torch_load,
+                                      save_checkpoint)
 from g2gserve.model.config import ModelConfig
 from g2gserve.model.g2gnet import build_model
 
@@ -111,6 +112,12 @@ def _train(cfg: TrainConfig, world: World) -> Checkpoint:
 
     torch.manual_seed(cfg.seed)
     model = build_model(mc).to(device)
+    if state is not None and "groups" in state:  # the saved run's unit groups, not a fresh draw
+        try:
+            check_groups(mc, state["groups"])
+        except ValueError as e:
+            raise TrainError(f"{cfg.out / 'state.pt'}: damaged training state ({e})") from e
+        model.groups = state["groups"]
     net = world.wrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * -(-len(train_set) // cfg.batch_size)
@@ -157,7 +164,7 @@ def _train(cfg: TrainConfig, world: World) -> Checkpoint:
         if world.is_main:
             _write(cfg, ckpt, history, masks, {
                 "version": STATE_VERSION, "config": cfg.to_dict(), "world_size": world.size, "history": history,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "groups": ckpt.groups, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "dst": dst_state})
     if world.is_main:
         _report(summary, history, masks)

@@ -41,7 +41,7 @@ class Latency:
 
 def _timer(device: Any | None):
     """A function timing one call: CUDA events (with synchronisation) on GPU, perf_counter on CPU."""
-    if device is not None and device.type == "cuda":
+    if device is not None and getattr(device, "type", device) == "cuda":
         import torch  # only on the GPU path: a slim (torch-free) server never gets here
 
         def time_cuda(fn):
@@ -94,14 +94,10 @@ def pairwise_speedup(sparse: list[float], dense: list[float]) -> float:
     return statistics.median(d / s for s, d in zip(sparse, dense))
 
 
-def model_input(model, batch: int):
+def model_input(model, batch: int) -> np.ndarray:
     """Normalised input for ``model.logits``: random uint8 images of the model's shape (seeded by ``batch``)."""
     images = np.random.default_rng(batch).integers(0, 256, (batch, *model.input_shape), dtype=np.uint8)
-    try:
-        return model.preprocess(images)
-    except (AttributeError, TypeError):  # a runtime whose preprocessing takes torch tensors only
-        import torch
-        return model.preprocess(torch.from_numpy(images))
+    return model.preprocess(images)
 
 
 def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], seconds: float, device: Any | None = None,
@@ -111,7 +107,7 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
     ``pairs`` maps a backend name to loaded ``(sparse, dense)`` models. The backends take turns in chunks of
     ~``CHUNK_SECONDS`` (each chunk A B A B for one backend after a short warm-up), so a slow patch of a noisy
     machine hits all of them alike and "best vs best" compares the same minutes, while every call still follows
-    the other model of its pair. ``device`` (torch, CUDA) is used by the torch backend only.
+    the other model of its pair. ``device`` (torch, CUDA) is used by the torch and triton backends only.
     """
     chunks = max(1, round(seconds / CHUNK_SECONDS))
     rows = []
@@ -119,15 +115,16 @@ def sparse_vs_dense(pairs: dict[str, tuple[Any, Any]], batches: list[int], secon
         calls, times = {}, {}
         for backend, (sparse, dense) in pairs.items():
             x = model_input(sparse, n)
-            if backend == "torch" and device is not None and hasattr(x, "to"):
-                x = x.to(device)  # the host-to-device copy is not part of the timing
+            if backend in ("torch", "triton"):  # a tensor on the model's device: no conversion or copy inside the timing
+                import torch
+                x = torch.from_numpy(x).to(device if device is not None else "cpu")
             calls[backend] = {"sparse": partial(sparse.logits, x), "dense": partial(dense.logits, x)}
             times[backend] = {"sparse": [], "dense": []}
         for chunk in range(chunks):
             for backend in pairs:
                 t = interleaved(calls[backend], warmup=10 if chunk == 0 else 3, seconds=seconds / chunks,
                                 min_iters=-(-20 // chunks), max_iters=-(-1000 // chunks),
-                                device=device if backend == "torch" else None, run_length=run_length)
+                                device=device if backend in ("torch", "triton") else None, run_length=run_length)
                 for v in ("sparse", "dense"):
                     times[backend][v] += t[v]
         for backend in pairs:

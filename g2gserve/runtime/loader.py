@@ -5,11 +5,13 @@
 
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
-CPU function over the live tiles (numba). ``variant="dense"`` loads the dense twin of the same function
-(``dense.onnx`` / dense tensors) for side-by-side comparisons.
+CPU function over the live tiles (numba); the triton backend is the torch one with its block layers in one
+fused Triton kernel each (CUDA). ``variant="dense"`` loads the dense twin of the same function
+(``dense.onnx`` / dense tensors) for side-by-side comparisons. The torch and triton backends take a precision
+(``dtype``, see ``runtime.precision``) and, on CUDA with ``max_batch``, replay CUDA graphs per batch bucket.
 
-Only the torch backend imports torch: with onnxruntime or fused, loading an export directory, preprocessing
-and softmax are numpy, so a serving install needs no torch (``pip install 'g2gserve[serve]'``).
+Only the torch and triton backends import torch: with onnxruntime or fused, loading an export directory,
+preprocessing and softmax are numpy, so a serving install needs no torch (``pip install 'g2gserve[serve]'``).
 """
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from g2gserve.bundle import Bundle, ExportError, read_bundle
 from g2gserve.data.preprocess import Preprocess
 from g2gserve.errors import CheckpointError
 from g2gserve.formats import PackedNet, densify
+from g2gserve.runtime.precision import DTYPES, check_dtype
 
-BACKENDS = ("torch", "onnxruntime", "fused")
+BACKENDS = ("torch", "onnxruntime", "fused", "triton")
+CPU_BACKENDS = ("torch", "onnxruntime", "fused")
+TORCH_BACKENDS = ("torch", "triton")
 VARIANTS = ("sparse", "dense")
 
 
@@ -38,10 +43,10 @@ class InferenceModel:
     """A loaded model: ``predict`` takes uint8 images, applies the training preprocessing, returns probabilities."""
 
     def __init__(self, run: Callable[[Any], Any], preprocess: Preprocess, classes: list[str], manifest: dict,
-                 backend: str, device: Any, variant: str):
+                 backend: str, device: Any, variant: str, dtype: str = "fp32"):
         self._run = run
         self.preprocess, self.classes, self.manifest = preprocess, classes, manifest
-        self.backend, self.device, self.variant = backend, device, variant
+        self.backend, self.device, self.variant, self.dtype = backend, device, variant, dtype
 
     @property
     def name(self) -> str:
@@ -85,17 +90,32 @@ def _import(module: str, backend: str, install: str):
         raise ImportError(f"the {backend} backend needs {module}, which is not installed: {install}") from e
 
 
-def _torch_runner(packed: PackedNet, device: str):
-    torch = _import("torch", "torch", "pip install 'g2gserve[train]' (or install torch)")
-    from g2gserve.runtime.torch_backend import PackedModule
+def _torch_runner(packed: PackedNet, device: str, backend: str = "torch", dtype: str = "fp32",
+                  max_batch: int | None = None):
+    """The network as a torch module (triton: block layers in the Triton kernel) on ``device`` at ``dtype``;
+    on CUDA with ``max_batch``, behind CUDA graphs captured now for every batch bucket."""
+    torch = _import("torch", backend, "pip install 'g2gserve[train]' (or install torch)")
+    from g2gserve.runtime.precision import cast_runner
     dev = torch.device(device)
-    module = PackedModule(packed).to(dev)
+    if backend == "triton":
+        from g2gserve.runtime import triton_kernel  # imports triton: only for this backend
+        from g2gserve.runtime.triton_backend import TritonModule
+        if dev.type != "cuda" and not triton_kernel.INTERPRETED:
+            raise ValueError("the triton backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
+        module = TritonModule(packed)
+    else:
+        from g2gserve.runtime.torch_backend import PackedModule
+        module = PackedModule(packed)
+    forward = cast_runner(module.to(dev), dtype)
+    if dev.type == "cuda" and max_batch:
+        from g2gserve.runtime.cuda_graphs import GraphRunner
+        forward = GraphRunner(forward, packed.input_shape, dev, max_batch)
+        forward.capture_all()  # at load, so no request pays for a capture
 
-    @torch.inference_mode()
     def run(x):
         if isinstance(x, torch.Tensor):
-            return module(x.to(dev, non_blocking=True))
-        return module(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev)).cpu().numpy()
+            return forward(x.to(dev, torch.float32, non_blocking=True))
+        return forward(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev)).cpu().numpy()
     return run, dev
 
 
@@ -118,16 +138,23 @@ def _ort_runner(bundle: Bundle, variant: str, threads: int | None):
 
 
 def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant: str = "sparse",
-         threads: int | None = None) -> InferenceModel:
-    """Load an export directory (validated) or a checkpoint (exported in memory)."""
+         threads: int | None = None, dtype: str = "fp32", max_batch: int | None = None) -> InferenceModel:
+    """Load an export directory (validated) or a checkpoint (exported in memory).
+
+    ``dtype`` (torch and triton backends): fp32, tf32, bf16 or fp16. With ``max_batch`` on CUDA, forward
+    passes replay CUDA graphs captured per power-of-two batch bucket up to ``max_batch``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
-    if backend != "torch" and device not in ("cpu", "auto"):
-        raise ValueError(f"the {backend} backend runs on the CPU; use backend torch for CUDA")
-    if backend == "torch":
-        torch = _import("torch", "torch", "pip install 'g2gserve[train]' (or install torch)")
+    check_dtype(dtype)
+    if backend not in TORCH_BACKENDS and device not in ("cpu", "auto"):
+        raise ValueError(f"the {backend} backend runs on the CPU; use backend torch or triton for CUDA")
+    if backend not in TORCH_BACKENDS and dtype != "fp32":
+        raise ValueError(f"the {backend} backend computes in fp32; dtype {dtype} needs backend torch or triton")
+    if backend in TORCH_BACKENDS:
+        torch = _import("torch", backend, "pip install 'g2gserve[train]' (or install torch)")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -135,14 +162,16 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     bundle = open_bundle(path, onnx_graphs=(backend == "onnxruntime"))
     packed = densify(bundle.packed) if variant == "dense" else bundle.packed
     dev: Any = "cpu"
-    if backend == "torch":
-        run, dev = _torch_runner(packed, device)
+    if backend in TORCH_BACKENDS:
+        run, dev = _torch_runner(packed, device, backend, dtype, max_batch)
     elif backend == "fused":
         run = _fused_runner(packed)
     else:
         run = _ort_runner(bundle, variant, threads)
     m = bundle.manifest
-    return InferenceModel(run, Preprocess.from_dict(m.preprocess), list(m.classes), m.to_dict(), backend, dev, variant)
+    return InferenceModel(run, Preprocess.from_dict(m.preprocess), list(m.classes), m.to_dict(), backend, dev, variant,
+                          dtype)
 
 
-__all__ = ["load", "open_bundle", "softmax", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS", "VARIANTS"]
+__all__ = ["load", "open_bundle", "softmax", "InferenceModel", "ExportError", "CheckpointError", "BACKENDS",
+           "CPU_BACKENDS", "DTYPES", "VARIANTS"]

@@ -1,0 +1,59 @@
+"""The ``triton`` backend: the torch backend's network with every block-sparse layer run by the fused Triton
+kernel (``triton_kernel.block_sparse_linear``, bias and ReLU included). Encoder, dense/CSR layers and the head
+stay as the torch backend runs them (cuBLAS / cuSPARSE)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from g2gserve.formats import PackedLayer, PackedNet
+from g2gserve.runtime.precision import allows_tf32
+from g2gserve.runtime.torch_backend import PackedModule
+from g2gserve.runtime.triton_kernel import block_sparse_linear, supports
+
+
+class TritonBlockLayer(nn.Module):
+    """A block-sparse layer plus its ReLU in one kernel launch."""
+
+    def __init__(self, layer: PackedLayer):
+        super().__init__()
+        t = layer.tensors  # numpy (formats.block): copied, the module owns its buffers
+        self.register_buffer("blocks", torch.from_numpy(np.array(t["blocks"], np.float32)))  # [O, K*b, b]
+        self.register_buffer("idx", torch.from_numpy(np.array(t["idx"], np.int32)))  # [O, K]
+        self.register_buffer("bias", torch.from_numpy(np.array(t["bias"], np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(x, self.blocks, self.idx, self.bias, relu=True, allow_tf32=allows_tf32())
+
+
+class ReLU(nn.Module):
+    """Another format's layer followed by its ReLU (the block layers apply theirs inside the kernel)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.layer(x))
+
+
+class TritonModule(nn.Module):
+    """Normalised images in, logits out; block layers whose tile size the kernel supports run in Triton."""
+
+    def __init__(self, packed: PackedNet):
+        super().__init__()
+        self.base = PackedModule(packed)  # encoder, head and the layers the kernel does not take
+        self.hidden = nn.ModuleList(
+            TritonBlockLayer(spec) if spec.format == "block" and supports(spec.block_size) else ReLU(layer)
+            for spec, layer in zip(packed.layers, self.base.hidden))
+        self.base.hidden = nn.ModuleList()  # its copies of the layers are held by self.hidden now
+        self.kernel_layers = sum(isinstance(m, TritonBlockLayer) for m in self.hidden)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base.encode(x)
+        for layer in self.hidden:
+            h = layer(h)
+        return F.linear(h, self.base.head_weight, self.base.head_bias)

@@ -1,0 +1,165 @@
+"""A fused block-sparse layer in Triton: ``y = relu(x @ W + bias)`` over the live tiles only, one launch.
+
+The torch backend's block layer gathers, for every output tile-row, a copy of its K live input tiles and then
+runs a batched matmul: at large batches it moves K times the input through memory before any arithmetic. This
+kernel reads the live input tiles *in place*: each program owns one b-wide output tile for a block of batch
+rows, loops over that tile-row's K live input tiles (``idx``), accumulates ``x_tile @ w_tile`` in fp32 on the
+tensor cores, adds the bias, applies ReLU and stores the tile once.
+
+Plain tensors in, so any owner of the packed weights can call it: ``blocks`` [O, K*b, b] (tile k of row o is
+``blocks[o, k*b:(k+1)*b]``, an (in, out) matrix), ``idx`` [O, K] (input tile numbers), ``bias`` [O*b].
+Precisions: fp32 (exact fp32 products, or TF32 tensor cores with ``allow_tf32``), bf16 and fp16 weights and
+activations; the accumulator is always fp32.
+
+Runs on CUDA tensors; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this
+module is imported: ``triton.jit`` reads it when the kernel is defined), which the CPU tests use.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_TILE = 16  # tl.dot needs every dimension >= 16
+GROUP = 8  # batch blocks that run tile after tile together, so their inputs and the tile's weights stay in L2
+
+
+@triton.jit
+def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles, stride_x, stride_y,
+                         K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                         RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Program order: GROUP batch blocks for output tile 0, the same blocks for tile 1, ... (swizzled like
+    # Triton's matmul tutorial) so a wave of programs shares both its input rows and its weight tiles in L2.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP * n_tiles
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_blocks - first, GROUP)
+    block = first + (pid % per_group) % size
+    tile = (pid % per_group) // size
+
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, B)
+    row_ok = rows[:, None] < n_rows
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :]
+    w_tiles = w_ptr + tile.to(tl.int64) * (K * B * B) + cols[:, None] * B + cols[None, :]
+    acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
+    for k in range(K):
+        src = tl.load(idx_ptr + tile * K + k).to(tl.int64)
+        a = tl.load(x_rows + src * B, mask=row_ok, other=0.0)
+        w = tl.load(w_tiles + k * B * B)
+        if UPCAST:  # the interpreter multiplies bf16 wrongly; bf16 x bf16 products are exact in fp32 anyway
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    acc += tl.load(bias_ptr + tile * B + cols).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y = y_ptr + rows[:, None].to(tl.int64) * stride_y + tile * B + cols[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def supports(block_size: int) -> bool:
+    """Tile sizes the kernel handles: powers of two of at least 16 (tl.dot's smallest shape)."""
+    return block_size >= MIN_TILE and block_size & (block_size - 1) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_config(n_rows: int, n_tiles: int, block_size: int, multiprocessors: int = 1) -> tuple[int, int, int]:
+    """(batch rows per program, warps, pipeline stages). Up to 128 rows per program amortise each weight tile
+    over more rows; fewer rows where the grid would otherwise leave multiprocessors idle (mid-size batches of
+    narrow layers), down to 16 (tl.dot's smallest). A starting point, not a tuned table."""
+    block_n = min(128, max(MIN_TILE, triton.next_power_of_2(n_rows)))
+    while block_n > MIN_TILE and n_tiles * triton.cdiv(n_rows, block_n) < 2 * multiprocessors:
+        block_n //= 2
+    warps = 8 if block_n * block_size >= 128 * 128 else 4
+    return block_n, warps, 3
+
+
+def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor,
+                        relu: bool = True, allow_tf32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, I*b) -> (N, O*b): ``relu(x @ W + bias)`` for the block-sparse W of ``blocks``/``idx``, one launch.
+
+    ``x``, ``blocks`` and ``bias`` share one dtype (fp32, bf16 or fp16); the output has it too. ``allow_tf32``
+    lets fp32 products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation).
+    """
+    n_out, kb, b = blocks.shape
+    k = kb // b
+    if x.dim() != 2 or kb != k * b or idx.shape != (n_out, k) or bias.numel() != n_out * b:
+        raise ValueError(f"shapes do not fit a block-sparse layer: x {tuple(x.shape)}, blocks {tuple(blocks.shape)}, "
+                         f"idx {tuple(idx.shape)}, bias {tuple(bias.shape)}")
+    if not supports(b):
+        raise ValueError(f"block size {b} is not supported (a power of two >= {MIN_TILE})")
+    if x.dtype not in DTYPES or blocks.dtype != x.dtype or bias.dtype != x.dtype:
+        raise ValueError(f"x, blocks and bias must share one of {DTYPES}; got {x.dtype}, {blocks.dtype}, {bias.dtype}")
+    if x.shape[1] % b:
+        raise ValueError(f"input width {x.shape[1]} is not a multiple of the block size {b}")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise ValueError("the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    blocks, idx, bias = blocks.contiguous(), idx.contiguous(), bias.contiguous()
+    n = x.shape[0]
+    if out is None:
+        out = torch.empty(n, n_out * b, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device))
+    grid = (n_out * triton.cdiv(n, block_n),)
+    precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
+    _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
+                               K=k, B=b, BLOCK_N=block_n, GROUP=GROUP, RELU=relu, PRECISION=precision,
+                               UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+                               num_warps=warps, num_stages=stages)
+    return out
+
+
+SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False):
+    """Compile the kernel ahead of time for an NVIDIA GPU of compute ``capability`` (90: H100/H200), no GPU
+    needed (Triton ships ptxas): catches what only the GPU compiler refuses, and shows the instructions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("ahead-of-time compilation needs the compiled kernel: unset TRITON_INTERPRET")
+    t = SIGNATURE_DTYPES[dtype]
+    signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "idx_ptr": "*i32", "bias_ptr": f"*{t}", "y_ptr": f"*{t}",
+                 "n_rows": "i32", "n_tiles": "i32", "stride_x": "i32", "stride_y": "i32"}
+    constants = {"K": k, "B": b, "BLOCK_N": block_n, "GROUP": GROUP, "RELU": True,
+                 "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False}
+    signature |= {name: "constexpr" for name in constants}
+    _, warps, stages = launch_config(block_n, 1, b)
+    source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
+    """For every precision and the smallest and largest rows per program: does the kernel compile, does it use
+    the tensor cores (mma / wgmma), does it spill registers to local memory, how much shared memory."""
+    rows = []
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+        for block_n in (MIN_TILE, 128):
+            ptx = (compiled := compile_for(capability, dtype, k, b, block_n, tf32)).asm["ptx"]
+            rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
+                         "tensor_cores": "mma" in ptx, "wgmma": "wgmma" in ptx, "spills": "ld.local" in ptx,
+                         "shared_bytes": compiled.metadata.shared})
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(compile_report(int(sys.argv[1]) if len(sys.argv) > 1 else 90), indent=1))

@@ -1,0 +1,261 @@
+"""The fused block-sparse Triton kernel and the triton backend against PyTorch; the precision gate.
+
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernel module is
+imported, on small shapes); on a GPU machine the same tests run the compiled kernel on CUDA.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from g2gserve.data.preprocess import Preprocess
+from g2gserve.bundle import read_bundle
+from g2gserve.export import export_checkpoint
+from g2gserve.formats import densify, pack_model
+from g2gserve.model.checkpoint import from_model, save_checkpoint
+from g2gserve.model.g2gnet import build_model
+from g2gserve.runtime import load
+from g2gserve.runtime.precision import MIN_TOP1_AGREEMENT, agreement, main as precision_main, precision_gate
+
+from conftest import tiny_config
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel's definition
+triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with torch on Linux)")
+from g2gserve.runtime import triton_kernel  # noqa: E402
+from g2gserve.runtime.triton_backend import TritonModule  # noqa: E402
+from g2gserve.runtime.triton_kernel import block_sparse_linear  # noqa: E402
+
+if not CUDA and not triton_kernel.INTERPRETED:
+    pytest.skip("no GPU, and the kernel module was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # relative to the output's scale
+
+
+def _layer(n_out: int, n_in: int, k: int, b: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(n_out, k * b, b, generator=gen) / (k * b) ** 0.5
+    idx = torch.stack([torch.randperm(n_in, generator=gen)[:k] for _ in range(n_out)]).to(torch.int32)
+    idx[0, -1] = idx[0, 0]  # a padded row repeats a tile (its block is then zero in a real export)
+    blocks[0, (k - 1) * b:] = 0
+    return blocks, idx, torch.randn(n_out * b, generator=gen)
+
+
+def _reference(x, blocks, idx, bias, relu):
+    """The layer as one dense fp32 matmul."""
+    n_out, kb, b = blocks.shape
+    w = torch.zeros(x.shape[1], n_out * b)
+    for o in range(n_out):
+        for k, src in enumerate(idx[o].tolist()):
+            w[src * b:(src + 1) * b, o * b:(o + 1) * b] += blocks[o, k * b:(k + 1) * b]
+    y = x @ w + bias
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b,n_out,n_in,k", [(16, 4, 6, 3), (32, 3, 4, 1), (16, 2, 2, 2)])
+@pytest.mark.parametrize("batch", [1, 5, 17, 130])
+def test_kernel_matches_dense_matmul(dtype, b, n_out, n_in, k, batch):
+    blocks, idx, bias = _layer(n_out, n_in, k, b)
+    x = torch.randn(batch, n_in * b)
+    # the reference sees the same rounded inputs, so only the kernel's arithmetic is compared
+    args = [t.to(dtype) for t in (x, blocks)] + [idx, bias.to(dtype)]
+    for relu in (True, False):
+        ref = _reference(*[t.float() if t.is_floating_point() else t for t in args], relu)
+        y = block_sparse_linear(*[t.to(DEVICE) for t in args], relu=relu)
+        assert y.dtype == dtype and y.shape == (batch, n_out * b)
+        err = (y.float().cpu() - ref).abs().max().item()
+        assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), (relu, err)
+        if relu:
+            assert (y >= 0).all()
+
+
+def test_kernel_over_many_batch_blocks_and_strided_rows():
+    """More batch blocks than one program group (8 x 128 rows), a partial last group, and an input that is a
+    column slice of a wider tensor (row stride != width)."""
+    blocks, idx, bias = _layer(3, 4, 2, 16, seed=1)
+    wide = torch.randn(1100, 4 * 16 + 16)
+    x = wide[:, 16:]
+    y = block_sparse_linear(x.to(DEVICE), blocks.to(DEVICE), idx.to(DEVICE), bias.to(DEVICE))
+    assert (y.cpu() - _reference(x, blocks, idx, bias, True)).abs().max().item() < 1e-4
+
+
+def test_launch_config_fills_the_gpu_before_amortising_weights():
+    assert triton_kernel.launch_config(1, 16, 64)[0] == 16 and triton_kernel.launch_config(65536, 16, 64)[0] == 128
+    assert triton_kernel.launch_config(256, 16, 64, multiprocessors=132)[0] == 16  # 16 tiles x 16 blocks >= 264
+    assert triton_kernel.launch_config(1024, 16, 64, multiprocessors=132)[0] == 32  # 16 x 32 programs
+    assert triton_kernel.launch_config(4096, 16, 64, multiprocessors=132)[0] == 128  # 16 x 32 programs
+
+
+def test_kernel_refuses_what_it_cannot_run():
+    blocks, idx, bias = _layer(2, 2, 1, 16)
+    x = torch.randn(3, 32)
+    with pytest.raises(ValueError, match="block size 8"):
+        block_sparse_linear(torch.randn(3, 16), torch.zeros(2, 8, 8), torch.zeros(2, 1, dtype=torch.int32),
+                            torch.zeros(16))
+    with pytest.raises(ValueError, match="share one of"):
+        block_sparse_linear(x.half(), blocks, idx, bias)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        block_sparse_linear(x, blocks, idx[:, :0], bias)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        block_sparse_linear(torch.randn(3, 40), blocks, idx, bias)
+
+
+def _checkpoint(tmp_path, **kw):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**kw)).eval()
+    with torch.no_grad():  # non-zero biases and a clear winner per image, so the gate has margins to test
+        for layer in model.hidden:
+            layer.bias.normal_(0, 0.5)
+    ckpt = from_model(model, [str(i) for i in range(10)], Preprocess(1, 28, 28, (0.3,), (0.35,)),
+                      meta={"dataset": "fashion-mnist"})
+    save_checkpoint(tmp_path / "m.pt", ckpt)
+    return model, tmp_path / "m.pt"
+
+
+@pytest.mark.parametrize("variant", ["sparse", "dense"])
+def test_triton_backend_matches_pytorch(tmp_path, variant):
+    model, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    packed = pack_model(model)
+    net = densify(packed) if variant == "dense" else packed
+    assert TritonModule(net).kernel_layers == (2 if variant == "sparse" else 0)
+    m = load(path, backend="triton", device=DEVICE.type, variant=variant)
+    for batch in (1, 7, 64):
+        x = torch.rand(batch, 1, 28, 28)
+        assert (m.logits(x).cpu() - model(x)).abs().max().item() < 1e-4
+    half = load(path, backend="triton", device=DEVICE.type, variant=variant, dtype="bf16")
+    x = torch.rand(64, 1, 28, 28)
+    probs = torch.softmax(half.logits(x).cpu(), 1)
+    assert probs.dtype == torch.float32 and (probs - torch.softmax(model(x), 1)).abs().max().item() < 0.05
+
+
+def test_block_sizes_the_kernel_cannot_take_stay_on_torch(tmp_path):
+    model, path = _checkpoint(tmp_path, granularity="block", block_size=8)
+    m = load(path, backend="triton", device=DEVICE.type)
+    x = torch.rand(5, 1, 28, 28)
+    assert (m.logits(x).cpu() - model(x)).abs().max().item() < 1e-4
+
+
+def test_dtype_is_checked_where_it_cannot_apply(tmp_path):
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load(path, dtype="fp8")
+    with pytest.raises(ValueError, match="computes in fp32"):
+        load(path, backend="onnxruntime", dtype="bf16")
+
+
+def test_agreement_rule():
+    ref = np.eye(10, dtype=np.float32)[np.arange(1000) % 10] * 0.9 + 0.01
+    same = agreement(ref, ref + 1e-6, "fp32")
+    assert same["passed"] and same["top1_agreement"] == 1.0 and same["max_prob_diff"] == pytest.approx(1e-6, abs=1e-7)
+    assert not agreement(ref, ref + 1e-3, "fp32")["passed"]  # fp32 keeps the export's 1e-4
+    flipped = ref.copy()
+    flipped[:4] = flipped[:4, ::-1]  # 4 of 1000 disagree: 99.6% >= 99.5%
+    assert agreement(ref, flipped, "bf16")["passed"] and agreement(ref, flipped, "bf16")["top1_agreement"] == 0.996
+    flipped[:6] = ref[:6, ::-1]
+    worse = agreement(ref, flipped, "bf16")
+    assert worse["top1_agreement"] == 0.994 < MIN_TOP1_AGREEMENT and not worse["passed"]
+    broken = ref.copy()
+    broken[0, 0] = np.nan
+    assert not agreement(ref, broken, "fp16")["passed"]
+
+
+def test_precision_gate_on_real_test_images_is_recorded(tmp_path, idx_dir, capsys):
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    export_checkpoint(path, tmp_path / "exp", data_dir=idx_dir)
+    result = precision_gate(tmp_path / "exp", "bf16", backend="torch", device="cpu", data_dir=idx_dir)
+    assert result["inputs"] == "fashion-mnist test set (64 images)" and result["images"] == 64
+    assert 0 < result["max_prob_diff"] < 0.05 and result["passed"] == (result["top1_agreement"] >= 0.995)
+    assert precision_main([str(tmp_path / "exp"), "--dtype", "fp32,tf32", "--data-dir", str(idx_dir), "--record",
+                           "--out", str(tmp_path / "gate")]) == 0
+    recorded = json.loads((tmp_path / "exp" / "manifest.json").read_text())["precision"]
+    assert recorded["fp32"]["passed"] and recorded["fp32"]["max_prob_diff"] <= 1e-4
+    assert recorded["tf32"]["passed"] and recorded["tf32"]["top1_agreement"] == 1.0
+    assert recorded["tf32"]["rule"].startswith("top-1") and (tmp_path / "gate.md").read_text().count("| yes |") == 2
+    assert read_bundle(tmp_path / "exp").manifest.precision["tf32"].passed  # the recorded manifest still loads
+    assert precision_main([str(tmp_path / "exp"), "--dtype", "bf16", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "needs the real fashion-mnist test set" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_rows_and_table(monkeypatch):
+    """The GPU benchmark's bookkeeping, run eagerly on this device (graphs are covered by test_triton_cuda)."""
+    from g2gserve.bench import gpu
+
+    monkeypatch.setattr(gpu, "GraphRunner", lambda fn, shape, device, max_batch: fn)
+    torch.manual_seed(0)
+    packed = pack_model(build_model(tiny_config(granularity="block", block_size=16)).eval())
+    rows, profiles = gpu.bench_packed("tiny", packed, [1, 17], ["bf16"], 0.01, DEVICE)
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("bf16", 1), ("bf16", 17)]
+    assert [gpu.target(n) for n in (1, 255, 256, 4095, 4096, 65536)] == [1.0, 1.0, 1.5, 1.5, 2.5, 2.5]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["p50_ms"]["dense"] / r["p50_ms"][r["best_sparse"]])
+    assert len(profiles) == 2 * sum(not r["met"] for r in rows)  # best sparse and dense, for every missed target
+    assert all(p.get("error") or p["kernels"] for p in profiles)
+    machine = {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"}
+    table = gpu.markdown({"gpu_rows": rows, "gpu_profiles": profiles, "machine": machine,
+                          "command": "g2g-bench --device cuda", "triton": triton.__version__})
+    assert table.count(" (>= 1.0x) |") == 2 and table.count("| tiny |") == 2 + len(profiles)
+
+
+def test_export_cli_gates_and_records_precisions(tmp_path, idx_dir, capsys):
+    from export.cli import main as export_main
+
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    out = tmp_path / "exp"
+    assert export_main([str(path), "--out", str(out), "--data-dir", str(idx_dir), "--dtype", "tf32,fp16"]) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["precision"]
+    assert sorted(recorded) == ["fp16", "tf32"]
+    assert all(r["passed"] and r["backend"] == "torch" for r in recorded.values())
+    assert "| fp16 | torch | cpu | fashion-mnist test set (64 images) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export_main([str(path), "--out", str(tmp_path / "x"), "--dtype", "int8"])
+    assert "unknown dtype 'int8'" in capsys.readouterr().err
+
+
+def test_triton_backend_refuses_the_cpu_outside_the_interpreter(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = ("from g2gserve.runtime import load\ntry:\n    load(%r, backend='triton', device='cpu')\n"
+            "except ValueError as e:\n    print(e)" % str(path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "the triton backend runs on CUDA" in done.stdout, done.stderr[-2000:]
+
+
+def test_serve_settings_refuse_a_precision_the_backend_cannot_run():
+    from server.settings import ServeConfig
+
+    with pytest.raises(ValueError, match="needs --backend torch or triton"):
+        ServeConfig(model="m", backend="onnxruntime", dtype="bf16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ServeConfig(model="m", dtype="int8")
+    assert ServeConfig(model="m", backend="triton", dtype="bf16").dtype == "bf16"
+
+
+def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():
+    """Ahead-of-time compilation for sm_90 (H100/H200) with Triton's bundled ptxas: no GPU needed. Runs in a
+    fresh process, since this module put the kernel in the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "g2gserve.runtime.triton_kernel", "90"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if done.returncode != 0 and ("ptxas" in done.stderr or "ImportError" in done.stderr):
+        pytest.skip(f"this Triton cannot compile ahead of time here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert {(r["dtype"], r["block_n"]) for r in rows} == {(d, n) for d in ("fp32", "tf32", "bf16", "fp16")
+                                                           for n in (16, 128)}
+    assert all(r["tensor_cores"] == (r["dtype"] != "fp32") and not r["spills"] for r in rows), rows
+    assert all(r["wgmma"] for r in rows if r["dtype"] != "fp32" and r["block_n"] == 128), rows  # Hopper's MMA
