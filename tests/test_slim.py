@@ -140,12 +140,12 @@ def test_install_size_measures_each_distribution():
 
 CALIBRATE = """
 import importlib.machinery, json, sys
-from server.service import Service
-from server.settings import ServeConfig
-service = Service(ServeConfig(model=sys.argv[1], backend="onnxruntime", calibration_seconds=0.05, max_batch=4))
-service.load()
-cal = service.run_calibration()
-service.close()
+from fastapi.testclient import TestClient
+from server.app import ServeConfig, create_app
+cfg = ServeConfig(model=sys.argv[1], backend="onnxruntime", calibration_seconds=0.05, max_batch=4, calibrate=False,
+                  admin_token="t0ken")
+with TestClient(create_app(cfg)) as client:
+    cal = client.post("/stats/calibrate", headers={"Authorization": "Bearer t0ken"}).json()
 cal["torch_installed"] = importlib.machinery.PathFinder.find_spec("torch") is not None
 cal["torch_imported"] = sys.modules.get("torch") is not None
 print(json.dumps(cal))

@@ -56,14 +56,13 @@ def test_wide_model_is_exported_through_the_parity_gate(tmp_path):
 
 
 def test_stats_reports_slim_memory_and_install_size(export_dir, install_json):
-    from server.service import Service
-    from server.settings import ServeConfig
-    service = Service(ServeConfig(model=str(export_dir), backend="onnxruntime", calibration_seconds=0.05, max_batch=8))
-    service.load()
-    try:
-        cal = service.run_calibration()
-    finally:
-        service.close()
+    from fastapi.testclient import TestClient
+    from server.app import ServeConfig, create_app
+    cfg = ServeConfig(model=str(export_dir), backend="onnxruntime", calibration_seconds=0.05, max_batch=8,
+                      calibrate=False, admin_token="t0ken")
+    with TestClient(create_app(cfg)) as client:
+        cal = client.post("/stats/calibrate", headers={"Authorization": "Bearer t0ken"}).json()
+        assert client.get("/stats").json()["calibration"] == cal  # what /stats reports
     assert cal["status"] == "done", cal
     slim, full = cal["resident_memory_slim"], cal["resident_memory"]
     assert slim["backend"] == "onnxruntime" and 0 < slim["sparse_peak_bytes"] < full["sparse_peak_bytes"]
