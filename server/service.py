@@ -1,7 +1,6 @@
 """What the endpoints share: the loaded model, the batcher, the decode pool, metrics, live figures, calibration."""
 from __future__ import annotations
 
-import collections
 import importlib.machinery
 import json
 import math
@@ -63,6 +62,27 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return out
 
 
+class LiveWindow:
+    """The last ``size`` requests' (time, images, latency, decode, queue, inference), in a preallocated ring:
+    recording allocates nothing, so a serving process's memory stays flat (a deque of tuples grew by ~1 MiB
+    until it was full)."""
+
+    def __init__(self, size: int):
+        self._rows = np.zeros((size, 6))
+        self._count = 0
+
+    def append(self, *row: float) -> None:
+        self._rows[self._count % len(self._rows)] = row
+        self._count += 1
+
+    def rows(self) -> np.ndarray:
+        """The recorded rows, oldest first."""
+        size = len(self._rows)
+        if self._count <= size:
+            return self._rows[:self._count].copy()
+        return np.roll(self._rows, -(self._count % size), axis=0)
+
+
 class Service:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -76,7 +96,7 @@ class Service:
         self.metrics = Metrics(cfg.max_batch)
         self.started = False  # the lifespan has loaded the models (and not begun shutting down)
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
-        self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
+        self.live = LiveWindow(LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
@@ -175,7 +195,7 @@ class Service:
     def record(self, images: int, latency: float, decode: float, queue: float, inference: float) -> None:
         self.metrics.request_latency.observe(latency)
         self.metrics.decode_latency.observe(decode)
-        self.live.append((time.perf_counter(), images, latency, decode, queue, inference))
+        self.live.append(time.perf_counter(), images, latency, decode, queue, inference)
 
     def close(self) -> None:
         self.decoder.shutdown(wait=False, cancel_futures=True)
@@ -280,10 +300,10 @@ class Service:
     # -------------------------------------------------------------- live figures
     def live_stats(self) -> dict:
         """End-to-end figures of the requests served (in this process), next to the forward passes they needed."""
-        data = list(self.live)
-        if not data:
+        arr = self.live.rows()
+        if not len(arr):
             return {"requests": 0}
-        arr = np.array(data)
+        data = arr
 
         def pct(col: int) -> dict:
             lat = Latency.of(arr[:, col].tolist())
