@@ -278,3 +278,13 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
     assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
     page = servebench.markdown(result)
     assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page
+
+
+def test_live_window_keeps_the_last_requests_in_order_without_growing():
+    from server.service import LiveWindow
+    window = LiveWindow(4)
+    assert window.rows().shape == (0, 6)
+    for i in range(10):
+        window.append(i, 1, 0.1, 0, 0, 0)
+    rows = window.rows()
+    assert rows[:, 0].tolist() == [6, 7, 8, 9]  # the last four, oldest first
