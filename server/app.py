@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .admission import AdmissionGate
+from .admission import AdmissionGate, EarlyAdmission
 from .auth import add_admin_routes, api_key_dependencies
 from .errors import error_responses
 from .hardening import harden
@@ -59,6 +59,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                   docs_url=None, redoc_url=None,  # /docs with local assets: server/docs_assets.py
                   description="Image classification with a sparse G2GNet, and what its sparsity saves on this machine.")
     app.state.service = service
+    app.state.early_admission = EarlyAdmission(service)  # refusals decided in the HTTP protocol (server/protocol.py)
     for router in ROUTERS:
         guarded = router is classify.router and cfg.api_key
         app.include_router(router, dependencies=api_key_dependencies(cfg.api_key) if guarded else None,

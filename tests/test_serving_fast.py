@@ -278,3 +278,72 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
     assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
     page = servebench.markdown(result)
     assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page
+
+
+def _exchange_raw(sock, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on an open socket; (status, headers, body) of the answer (Content-Length bodies only)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before an answer"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, monkeypatch):
+    import json
+    import socket
+
+    from server import protocol
+    from test_hardening import _serve
+    monkeypatch.setenv(protocol.ENV, "{}")  # configure() writes it; restored after the test
+    app = _app(export_dir, max_batch=1, max_wait_ms=0, max_queue_ms=20, calibrate=False)
+    server, thread, port = _serve(app, http=protocol.configure(5.0, 16 * 1024))
+    try:
+        service = app.state.service
+        real, admitted = service.batcher.predict, []
+        monkeypatch.setattr(service.batcher, "predict", lambda x: (time.sleep(0.5), real(x))[1])
+        real_admit = service.batcher.admit
+        monkeypatch.setattr(service.batcher, "admit", lambda n=1: (admitted.append(n), real_admit(n))[1])
+        service.batcher.cost.observe(1, 0.5)
+        slow = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/classify", content=_png(), timeout=10))
+        slow.start()
+        while service.batcher.pending_images == 0:
+            time.sleep(0.01)
+        png = _png(1)
+        post = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n"
+                .encode() + png)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for _ in range(2):  # the body is read and discarded: the next request on the connection is parsed
+                t = time.perf_counter()
+                status, headers, body = _exchange_raw(sock, post)
+                assert time.perf_counter() - t < 0.25 and status == 503  # at once, not after the running pass
+                assert headers["content-type"] == "application/json" and int(headers["retry-after"]) >= 1
+                assert "connection" not in headers and json.loads(body)["detail"].startswith("server busy")
+            assert admitted == [1]  # only the slow request reached the app's gate: the refusals never did
+            assert _exchange_raw(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+            slow.join()
+            status, _, body = _exchange_raw(sock, post)  # the queue is free again: admitted on the same connection
+            assert status == 200 and json.loads(body)["predictions"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # a body it will not wait for
+            slow = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/classify", content=_png()))
+            slow.start()
+            while service.batcher.pending_images == 0:
+                time.sleep(0.01)
+            chunked = b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"
+            status, headers, _ = _exchange_raw(sock, chunked)
+            assert status == 503 and headers["connection"] == "close" and sock.recv(10) == b""
+            slow.join()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert _counter(metrics, "g2g_rejected_total") == 3
+        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="503"}') == 3
+        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="200"}') == 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
