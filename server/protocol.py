@@ -225,7 +225,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._early.count()
         self.server_state.total_requests += 1
         if self.access_log:
-            self.access_logger.info('%s - "POST %s" 503 (refused by the protocol)', self.client, self.url.decode())
+            client = "%s:%d" % self.client if self.client else ""  # uvicorn's access-log format and arguments
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.url.decode("latin-1"),
+                                    self.parser.get_http_version(), 503)
         if not keep_alive:
             self._refused = True  # nothing more is read on this connection
             self.transport.close()
