@@ -160,10 +160,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_headers and self._header_bytes > self.max_header_bytes:  # still no end of headers
             self._refuse(431, f"request headers over the limit of {self.max_header_bytes:,} bytes")
-        if self._drained:
+        if self._drained or self._discarding:
             self._drained = False
             idle = self.cycle is None or self.cycle.response_complete
-            if idle and not self._discarding and self._header_timer is None and not self.transport.is_closing():
+            if self._discarding:  # the refused request's body is still coming: bounded (armed only now, seldom)
+                if self._drain_timer is None and not self.transport.is_closing():
+                    self._drain_timer = self.loop.call_later(self.header_timeout_s, self._drain_too_slow)
+            elif idle and self._header_timer is None and not self.transport.is_closing():
                 # nothing more arrived after the refused request: idle keep-alive, as after any response
                 self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
@@ -232,8 +235,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refused = True  # nothing more is read on this connection
             self.transport.close()
             return True
-        self._discarding = True
-        self._drain_timer = self.loop.call_later(self.header_timeout_s, self._drain_too_slow)
+        self._discarding = True  # data_received bounds the rest of the body if it does not come with the headers
         return True
 
     def _drain_too_slow(self) -> None:

@@ -304,7 +304,7 @@ def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, mo
     from test_hardening import _serve
     monkeypatch.setenv(protocol.ENV, "{}")  # configure() writes it; restored after the test
     app = _app(export_dir, max_batch=1, max_wait_ms=0, max_queue_ms=20, calibrate=False)
-    server, thread, port = _serve(app, http=protocol.configure(5.0, 16 * 1024))
+    server, thread, port = _serve(app, http=protocol.configure(1.0, 16 * 1024))
     try:
         service = app.state.service
         real, admitted = service.batcher.predict, []
@@ -339,10 +339,15 @@ def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, mo
             chunked = b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"
             status, headers, _ = _exchange_raw(sock, chunked)
             assert status == 503 and headers["connection"] == "close" and sock.recv(10) == b""
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as short:  # a body that never comes
+                status, _, _ = _exchange_raw(short, post[:-10])
+                t = time.perf_counter()
+                assert status == 503 and short.recv(10) == b""  # its body is waited for 1 s (the header bound)
+                assert 0.5 < time.perf_counter() - t < 3
             slow.join()
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert _counter(metrics, "g2g_rejected_total") == 3
-        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="503"}') == 3
+        assert _counter(metrics, "g2g_rejected_total") == 4
+        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="503"}') == 4
         assert _counter(metrics, 'g2g_requests_total{path="/classify",status="200"}') == 3
     finally:
         server.should_exit = True
