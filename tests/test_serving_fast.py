@@ -262,22 +262,29 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
                   images_per_s=n * 1000.0 * (1 if s != "dense" else 0.5))
              for s in ("ceiling", "sparse", "dense") for k, n in servebench.KINDS.items() for c in (1, 32)]
     lat = lambda p50, p99: {"count": 10, "p50_ms": p50, "p99_ms": p99}  # noqa: E731
+    run = lambda accepted, refused, **kw: dict(  # noqa: E731
+        accepted=accepted, refused=refused, answers_per_s=4000.0, accepted_per_s=10.0, other_status=0, other_5xx=0,
+        transport_errors=0, **kw)
     result = {"cells": cells, "connections": (1, 32), "command": "python -m server.servebench X", "model": "X",
               "backend": "fused", "seconds": 1, "pinned": True, "wrk": "wrk 4.1",
               "machine": {"cpu": "Test CPU", "isa": "AVX2", "cores": 2},
-              "overload": {"connections": 256, "seconds": 1, "accepted": lat(10, 200), "refused": lat(1, 2),
-                           "other_status": 0, "other_5xx": 0, "transport_errors": 0, "after": {"statuses": [200], **lat(1, 1)}},
+              "overload": {"connections": 256, "seconds": 1, "factor": 4.0, "capacity_per_s": 10.0,
+                           "after": {"statuses": [200], **lat(1, 1)},
+                           "storm": run(lat(10, 20), lat(60, 300), little_ms=64.0),
+                           "paced": run(lat(10, 200), lat(1, 2), offered_per_s=40.0, not_sent=0)},
               "healthz": {"healthz": lat(0.2, 30), "large_requests": lat(900, 900), "large_statuses": [200]}}
     result["targets"] = servebench.targets(result)
     verdict = {t["target"].split(":")[0]: t["met"] for t in result["targets"]}
-    overload = {t["target"]: t["met"] for t in result["targets"] if t["target"].startswith("overload")}
+    overload = {t["target"]: t["met"] for t in result["targets"] if "overload" in t["target"]}
     assert verdict["32 connections, single PNG"] is True  # 50% of the ceiling
     assert verdict["1 connection"] is True and verdict["64-image requests (png64)"] is True
     assert [met for name, met in overload.items() if "accepted p99" in name] == [False]  # 200 ms > 10 x 10 ms
-    assert sum(overload.values()) == 3  # refusals fast, no other 5xx, recovery
+    assert sum(overload.values()) == 3  # paced refusals fast (the storm's 300 ms is only shown), no 5xx, recovery
     assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
     page = servebench.markdown(result)
     assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page
+    assert "| sparse | retry storm | as answered | 4,000 | 10 | 10.0 / 20.0 | 10 | 60.0 / 300.0 | 64.0 |" in page
+    assert "| sparse | paced 4x | 40 | 4,000 | 10 | 10.0 / 200.0 | 10 | 1.0 / 2.0 |" in page
 
 
 def _exchange_raw(sock, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -312,7 +319,8 @@ def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, mo
         real_admit = service.batcher.admit
         monkeypatch.setattr(service.batcher, "admit", lambda n=1: (admitted.append(n), real_admit(n))[1])
         service.batcher.cost.observe(1, 0.5)
-        slow = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/classify", content=_png(), timeout=10))
+        url = f"http://127.0.0.1:{port}/classify"
+        slow = threading.Thread(target=lambda: httpx.post(url, content=_png(), timeout=10))
         slow.start()
         while service.batcher.pending_images == 0:
             time.sleep(0.01)
@@ -332,7 +340,7 @@ def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, mo
             status, _, body = _exchange_raw(sock, post)  # the queue is free again: admitted on the same connection
             assert status == 200 and json.loads(body)["predictions"]
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # a body it will not wait for
-            slow = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/classify", content=_png()))
+            slow = threading.Thread(target=lambda: httpx.post(url, content=_png(), timeout=10))
             slow.start()
             while service.batcher.pending_images == 0:
                 time.sleep(0.01)
