@@ -265,7 +265,8 @@ def overload(port: int, body: tuple[bytes, str], seconds: float, connections: in
     connections): the server's answer time for refused and accepted requests under the issue's 4x overload.
     ``storm``: ``connections`` clients that retry at once (as wrk does; it ignores Retry-After): a closed loop,
     whose mean latency is at least connections / answers per second (Little's law) however cheap a refusal is; it
-    shows how many answers per second the core gives, and what is left for the admitted requests. Then ``after``: one client, to see that the server recovers at once."""
+    shows how many answers per second the core gives, and what is left for the admitted requests. Then ``after``:
+    one client, to see that the server recovers at once."""
     raw = _raw("POST", "/classify?top_k=1", port, *body)
     capacity = _summary(_run(_closed_loop(port, raw, CAPACITY_CLIENTS, seconds)), seconds)["accepted_per_s"]
     rate = OVERLOAD_FACTOR * max(capacity, 1.0 / seconds)
