@@ -198,7 +198,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._discarding:  # the refused request's body is read: the connection takes the next request
             self._stop_draining()
             self._drained = True
-            self._in_headers = True
+            self._in_headers = True  # the next request's headers are counted from the next bytes received
+            self._header_bytes = 0  # (not the refused body's: that is no header, however large)
         elif not self._refused:
             super().on_message_complete()
 
