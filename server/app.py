@@ -36,6 +36,7 @@ def _lifespan(service: Service):
         calibration = asyncio.create_task(asyncio.to_thread(service.run_calibration)) if calibrate else None
         yield
         service.ready = False
+        app.state.early_admission.flush()  # protocol refusals not yet in the counters
         await service.batcher.drain()  # let in-flight requests finish
         if calibration is not None:
             await calibration
