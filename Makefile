@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test test-slim install-size serve-bench gpu-check clean
+.PHONY: install demo test test-slim install-size serve-bench gpu-check clean oip-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,3 +77,18 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The README's screenshot of the page at / (docs/oip-page.png): a Fashion-MNIST G2GNet trained for one epoch,
+# exported as version 1 of a model repository, served, and photographed in headless Chromium.
+OIP := runs/oip
+oip-screenshot: install
+	rm -rf $(OIP)
+	$(PY) -m training.fit --dataset fashion-mnist --epochs 1 --granularity block --block-size 64 \
+		--dst hebbian --dst-interval 100 --no-progress --out $(OIP)/run
+	$(BIN)/g2g-export $(OIP)/run/model.pt --out $(OIP)/repo/fashion-mnist/1
+	$(PY) -m server.sample --index 0 --out $(OIP)/sample.png
+	@set -e; \
+	$(BIN)/g2g-serve --model-repository $(OIP)/repo --port $(PORT) --threads 1 > $(OIP)/server.log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 300); do curl -sf http://127.0.0.1:$(PORT)/v2/health/ready > /dev/null && break; sleep 0.2; done; \
+	$(PY) -m server.oip.browser --url http://127.0.0.1:$(PORT) --image $(OIP)/sample.png --out docs/oip-page.png

@@ -8,6 +8,7 @@ layers (auth, error model, timeouts) go in one place.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,26 +19,34 @@ from .errors import error_responses
 from .hardening import harden
 from .limits import BodyLimitMiddleware
 from .metrics import RequestCounter
-from .routers import ROUTERS, classify
+from .routers import ROUTERS, classify, v2
 from .schemas import FastJSONResponse
 from .service import Service
 from .settings import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "app_from_env"]
 
+log = logging.getLogger("uvicorn.error")
+
 
 def _lifespan(service: Service):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(service.load)
-        service.make_batcher().start()
+        failed = await service.repository.load_all()
+        for problem in failed:
+            log.error("g2g-serve: not served: %s", problem)
+        if service.model is None:
+            default = service.cfg.default_model
+            why = failed or [f"the default model {default!r} is not in the repository" if default
+                             else "the repository holds no model"]
+            raise RuntimeError("no model to serve: " + "; ".join(why))
         service.ready = True
         calibrate = service.cfg.calibrate and service.claims_startup_calibration()
         calibration = asyncio.create_task(asyncio.to_thread(service.run_calibration)) if calibrate else None
         yield
         service.ready = False
         app.state.early_admission.flush()  # protocol refusals not yet in the counters
-        await service.batcher.drain()  # let in-flight requests finish
+        await service.repository.close()  # let in-flight requests finish
         if calibration is not None:
             await calibration
         service.close()
@@ -62,7 +71,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.state.service = service
     app.state.early_admission = EarlyAdmission(service)  # refusals decided in the HTTP protocol (server/protocol.py)
     for router in ROUTERS:
-        guarded = router is classify.router and cfg.api_key
+        guarded = router in (classify.router, v2.router) and cfg.api_key  # inference, whichever protocol
         app.include_router(router, dependencies=api_key_dependencies(cfg.api_key) if guarded else None,
                            responses=error_responses(401) if guarded else None)
     add_admin_routes(app, cfg.admin_token, service.run_calibration, lambda: service.ready)

@@ -1,4 +1,5 @@
-"""g2g-serve MODEL: serve image classification over HTTP with uvicorn (uvloop + httptools when installed)."""
+"""g2g-serve MODEL | --model-repository DIR: serve image classification over HTTP with uvicorn (uvloop + httptools
+when installed): /classify and the Open Inference Protocol v2."""
 from __future__ import annotations
 
 import argparse
@@ -18,16 +19,23 @@ from .settings import CONFIG_ENV, ServeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = ServeConfig(model="")
+    d = ServeConfig(model="MODEL")  # the defaults shown in --help
     p = argparse.ArgumentParser(
         prog="g2g-serve",
-        description="Serve a G2GNet (export directory or model.pt) with FastAPI/uvicorn: POST /classify, "
-                    "GET /healthz /readyz /model /stats /metrics, docs at /docs. A forward pass starts as soon as "
+        description="Serve a G2GNet (export directory or model.pt) or a model repository with FastAPI/uvicorn: "
+                    "POST /classify, the Open Inference Protocol v2 (/v2/...), a page at /, GET /healthz /readyz "
+                    "/model /stats /metrics, docs at /docs. A forward pass starts as soon as "
                     "the model is free and takes every request waiting (adaptive micro-batching); decoding runs in "
                     "a thread pool; at start-up the server measures the sparse model against its dense twin on "
                     "this machine (GET /stats).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", type=Path, help="export directory (g2g-export) or model.pt (exported in memory)")
+    p.add_argument("model", type=Path, nargs="?",
+                   help="export directory (g2g-export) or model.pt (exported in memory); or --model-repository")
+    p.add_argument("--model-repository", type=Path, default=None, metavar="DIR",
+                   help="serve DIR/<name>/<version>/ export directories (the highest version of each name) over "
+                        "the Open Inference Protocol v2; /classify uses --default-model")
+    p.add_argument("--default-model", default=None, metavar="NAME",
+                   help="the repository model /classify, /model and /stats use (default: the first by name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
@@ -87,18 +95,33 @@ def _check_model(path: Path) -> str | None:
     return None
 
 
+def _check_repository(root: Path) -> str | None:
+    """A repository must exist and hold at least one DIR/<name>/<version>/ export (each is checked as it loads)."""
+    from .oip.repository import discover
+    if not root.is_dir():
+        return f"{root}: no such model repository directory"
+    if not discover(root):
+        return f"{root}: no model in the repository (expected {root}/<name>/<version>/manifest.json)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    args = build_parser().parse_args(argv)
-    error = _check_model(args.model)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.model_repository is None):
+        parser.error("give one model (an export directory or model.pt) or --model-repository DIR")
+    error = _check_model(args.model) if args.model is not None else _check_repository(args.model_repository)
     if error is not None:
         print(f"g2g-serve: error: {error}", file=sys.stderr)
         return 2
     try:
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
-        cfg = ServeConfig(model=str(args.model), backend=args.backend, variant=args.variant, device=args.device,
+        repository = str(args.model_repository) if args.model_repository else None
+        cfg = ServeConfig(model=str(args.model or ""), model_repository=repository, default_model=args.default_model,
+                          backend=args.backend, variant=args.variant, device=args.device,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
                           max_queue_images=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
                           max_images_per_request=args.max_images, threads=args.threads, dtype=args.dtype,

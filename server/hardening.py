@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The security and time-bound flags of g2g-serve."""
     g = p.add_argument_group("security and bounds")
     g.add_argument("--admin-token", default=os.environ.get("G2G_ADMIN_TOKEN"),
-                   help="enables POST /stats/calibrate for 'Authorization: Bearer TOKEN' (default: $G2G_ADMIN_TOKEN; "
-                        "without one, admin endpoints do not exist)")
+                   help="enables POST /stats/calibrate and the v2 model load/unload (version swaps) for "
+                        "'Authorization: Bearer TOKEN' (default: $G2G_ADMIN_TOKEN; without one, admin endpoints "
+                        "do not exist or refuse)")
     g.add_argument("--api-key", default=os.environ.get("G2G_API_KEY"),
                    help=f"require this key in the {API_KEY_HEADER} header of /classify (default: $G2G_API_KEY)")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",

@@ -77,7 +77,8 @@ class RequestCounter:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            path = scope["path"] if scope["path"] in self.known_paths else "other"
+            route = getattr(scope.get("route"), "path", None)  # the matched template: /v2/models/{name}/infer
+            path = route or (scope["path"] if scope["path"] in self.known_paths else "other")
             self.metrics.requests.labels(path, str(status)).inc()
             if status >= 400:
                 self.metrics.errors.labels(path, str(status)).inc()

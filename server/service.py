@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import threading
 import time
@@ -14,13 +15,15 @@ import numpy as np
 
 from g2gserve.bench.measure import Latency, peak_memory, sparse_vs_dense
 from g2gserve.fileio import atomic_write_text
-from g2gserve.runtime import load
+from g2gserve.runtime import InferenceModel, load
 
 from .batching import MicroBatcher
+from .oip.repository import ModelRepository, Served
 from .metrics import Metrics
 from .settings import ServeConfig
 
 CALIBRATION_FILE = "calibration.json"  # in ServeConfig.shared_dir: the one calibration all workers report
+WARMUP_ROUNDS = 4  # forward passes at batch 1 and max batch before a model version serves
 LIVE_WINDOW = 10_000  # requests kept for /stats' live figures
 
 
@@ -60,59 +63,102 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
 class Service:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.model = None
-        self.batcher: MicroBatcher | None = None
+        # every served model and version (one export directory: a repository of one), each with its own batcher
+        self.repository = ModelRepository(self.prepare, retired=self.retired,
+                                          **({"root": Path(cfg.model_repository)} if cfg.model_repository
+                                             else {"single": Path(cfg.model)}))
         self.decode_threads = cfg.decode_threads or usable_cores()
         self.decoder = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="g2g-decode",
                                           initializer=_yield_to_event_loop)
         self.metrics = Metrics(cfg.max_batch)
-        self.ready = False
+        self.started = False  # the lifespan has loaded the models (and not begun shutting down)
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
         self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
-        self.warmup: list[tuple[int, float]] = []  # (images, seconds) of the warm-up passes: the cost model's seed
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
 
-    # -------------------------------------------------------------- start-up
-    def _load(self, variant: str):
+    # -------------------------------------------------------------- the served models
+    @property
+    def ready(self) -> bool:
+        """Started and serving a default model (all of them can be unloaded through the repository API)."""
+        return self.started and self.served is not None
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.started = value
+
+    @property
+    def served(self) -> Served | None:
+        """The default model's served version, which /classify, /model and /stats use."""
+        name = self.cfg.default_model or min(self.repository.served, default=None)
+        return self.repository.served.get(name) if name else None
+
+    @property
+    def model(self):
+        served = self.served
+        return served.model if served else None
+
+    @property
+    def batcher(self) -> MicroBatcher | None:
+        served = self.served
+        return served.batcher if served else None
+
+    def _load(self, variant: str, path: Path):
         cfg = self.cfg
-        return load(cfg.model, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads,
+        return load(path, backend=cfg.backend, device=cfg.device, variant=variant, threads=cfg.threads,
                     dtype=cfg.dtype, max_batch=cfg.max_batch)  # CUDA: graphs per batch bucket, captured now
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(images), dtype=np.float32)
 
-    def load(self) -> None:
-        """Load and warm up the model (in a worker thread, before the server reports ready)."""
-        if self.cfg.threads and self.cfg.backend == "torch":
-            import torch  # only the torch backend needs it
-            torch.set_num_threads(self.cfg.threads)
-        self.model = self._load(self.cfg.variant)
-        warm = np.zeros((self.cfg.max_batch, *self.model.input_shape), dtype=np.uint8)
-        self.warmup.clear()
-        for n in (1, self.cfg.max_batch, 1, self.cfg.max_batch):  # the second round is timed: the cost model's seed
-            t = time.perf_counter()
-            self.predict(warm[:n])
-            self.warmup.append((n, time.perf_counter() - t))
-        m = self.model
-        self.metrics.model_info.labels(m.name, _model_version(m.manifest), m.backend, str(m.device), self.cfg.variant,
-                                       ",".join(l["format"] for l in m.manifest["layers"])).set(1)
-
-    def make_batcher(self) -> MicroBatcher:
+    def prepare(self, path: Path) -> tuple[InferenceModel, MicroBatcher]:
+        """Load and warm up one model version and make its batcher (in a worker thread: at start-up before the
+        server reports ready; in a version swap while the old version keeps answering)."""
         cfg = self.cfg
-        self.batcher = MicroBatcher(self.predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
-                                    self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3,
-                                    decode_workers=self.decode_threads)
-        for n, seconds in self.warmup[2:]:
-            self.batcher.cost.observe(n, seconds)
-        return self.batcher
+        if cfg.threads and cfg.backend == "torch":
+            import torch  # only the torch backend needs it
+            torch.set_num_threads(cfg.threads)
+        model = self._load(cfg.variant, path)
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            return np.asarray(model.predict(images), dtype=np.float32)
+        warm = np.zeros((cfg.max_batch, *model.input_shape), dtype=np.uint8)
+        fastest: dict[int, float] = {}
+        for round_ in range(WARMUP_ROUNDS):  # round 0 allocates (untimed); the fastest of the others seeds the
+            for n in (1, cfg.max_batch):      # cost model: a swap warms up while the old version serves, and a
+                t = time.perf_counter()      # pass slowed by that must not make admission refuse requests
+                predict(warm[:n])
+                if round_:
+                    fastest[n] = min(fastest.get(n, math.inf), time.perf_counter() - t)
+        batcher = MicroBatcher(predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
+                               self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3, decode_workers=self.decode_threads)
+        for n, seconds in fastest.items():
+            batcher.cost.observe(n, seconds)
+        self.metrics.model_info.labels(*self._info_labels(model)).set(1)
+        return model, batcher
+
+    def _info_labels(self, model) -> tuple[str, ...]:
+        return (model.name, _model_version(model.manifest), model.backend, str(model.device), self.cfg.variant,
+                ",".join(l["format"] for l in model.manifest["layers"]))
+
+    def retired(self, served: Served) -> None:
+        """A drained version leaves the g2g_model_info metric (unless a served version has the same labels)."""
+        labels = self._info_labels(served.model)
+        if all(self._info_labels(s.model) != labels for s in self.repository.served.values()):
+            try:
+                self.metrics.model_info.remove(*labels)
+            except KeyError:
+                pass
 
     @property
     def model_card(self) -> dict:
-        m = self.model
-        return {"name": m.name, "version": _model_version(m.manifest), "backend": m.backend, "device": str(m.device),
-                "variant": self.cfg.variant}
+        """The default model: its name as served (the repository's; one export directory: its manifest's), the
+        digest of its weights as version, and how it runs."""
+        served = self.served
+        m = served.model
+        return {"name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
+                "device": str(m.device), "variant": self.cfg.variant}
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -172,8 +218,9 @@ class Service:
         return self._calibration
 
     def _measure(self) -> dict[str, Any]:
-        cfg, served = self.cfg, self.model
-        models = {v: served if v == cfg.variant else self._load(v) for v in ("sparse", "dense")}
+        cfg, current = self.cfg, self.served  # the default model's version now (a later swap does not move it)
+        served = current.model
+        models = {v: served if v == cfg.variant else self._load(v, current.path) for v in ("sparse", "dense")}
         batches = sorted({1, cfg.max_batch})
         device = served.device if cfg.backend in ("torch", "triton") else None
         rows = sparse_vs_dense({cfg.backend: (models["sparse"], models["dense"])}, batches, cfg.calibration_seconds,
@@ -190,7 +237,7 @@ class Service:
                         "ratio": sizes["stored_weight_bytes"] / sizes["dense_weight_bytes"]},
         }
         if cfg.memory_probe:
-            mem = {v: peak_memory(cfg.model, cfg.backend, v, cfg.max_batch, str(served.device), cfg.threads or 1)
+            mem = {v: peak_memory(str(current.path), cfg.backend, v, cfg.max_batch, str(served.device), cfg.threads or 1)
                    for v in ("sparse", "dense")}
             result["resident_memory"] = {"sparse_peak_bytes": mem["sparse"]["vmhwm_bytes"],
                                          "dense_peak_bytes": mem["dense"]["vmhwm_bytes"],

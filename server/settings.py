@@ -31,7 +31,9 @@ class ServeConfig:
     calibration_seconds: float = 1.0
     memory_probe: bool = True  # peak RSS of fresh sparse/dense processes during calibration
     shared_dir: str | None = None  # set by --workers N: one calibration for all workers is kept here
-    admin_token: str | None = None  # POST /stats/calibrate exists only with a token (server/auth.py)
+    model_repository: str | None = None  # DIR/<name>/<version>/ export directories, instead of one ``model``
+    default_model: str | None = None  # the repository model /classify, /model and /stats use (default: first by name)
+    admin_token: str | None = None  # admin calls (server/auth.py; v2 load/unload) exist only with a token
     api_key: str | None = None  # required in X-API-Key for /classify when set
     cors_origins: tuple[str, ...] = ()
     body_timeout_s: float = 30.0  # the whole request body within (408; server/timeouts.py)
@@ -44,6 +46,8 @@ class ServeConfig:
         return {k: (v is not None if k in self.SECRETS else v) for k, v in asdict(self).items()}
 
     def __post_init__(self) -> None:
+        if bool(self.model) == bool(self.model_repository):
+            raise ValueError("serve one model (an export directory or model.pt) or a --model-repository, not both")
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue_images < self.max_batch:
             raise ValueError("need max_batch >= 1, max_wait_ms >= 0 and max_queue_images >= max_batch")
         if self.max_queue_ms <= 0:
