@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO := runs/demo
 PORT ?= 8765
 
-.PHONY: install demo test test-slim install-size serve-bench gpu-check clean oip-screenshot
+.PHONY: install demo test test-slim install-size slim-report serve-bench gpu-check clean oip-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,15 @@ $(SLIM_VENV)/.installed: pyproject.toml
 
 # Disk size of the [serve]-only install against the full one (issue 18: at most 1/10), as a generated page.
 install-size: install $(SLIM_VENV)/.installed
-	$(PY) -m g2gserve.bench.install_size $(SLIM_VENV) $(VENV) --out docs/install-size.md
+	$(PY) -m g2gserve.bench.install_size $(SLIM_VENV) $(VENV) --names serve,full --out docs/install-size.md \
+		--json docs/install-size.json
+
+# Issue 18's targets in one page (docs/slim.md, .json, .png): a torch-free g2g-serve under SLIM_REQUESTS requests,
+# slim peak RSS sparse vs dense for the demo and a hidden-4096 model (built into runs/wide when missing), install
+# size. Needs an export (make demo). About 3 minutes on 2 cores.
+SLIM_REQUESTS ?= 10000
+slim-report: install-size
+	$(PY) -m g2gserve.bench.slim_report $(MODEL) --wide runs/wide/export --requests $(SLIM_REQUESTS) --out docs
 
 test-slim: install $(SLIM_VENV)/.installed
 	$(PY) tests/tiny_export.py runs/slim

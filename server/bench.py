@@ -13,6 +13,7 @@ from tqdm import tqdm
 from g2gserve.bench.measure import (CHUNK_SECONDS, Latency, interleaved, machine_info, ort_node_profile,
                                     pairwise_speedup, peak_memory, pin_threads, sparse_vs_dense)
 from g2gserve.model.config import ModelConfig
+from g2gserve.bench.install_size import load_summary
 from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.bundle import read_bundle
 from g2gserve.fileio import atomic_write_text
@@ -146,6 +147,11 @@ def markdown(result: dict) -> str:
                 lines.append(f"| CUDA max allocated, {backend} | {s['cuda_max_allocated_bytes']:,} B | "
                              f"{d['cuda_max_allocated_bytes']:,} B | "
                              f"{s['cuda_max_allocated_bytes'] / d['cuda_max_allocated_bytes']:.3f}x |")
+    if result.get("install_size"):
+        inst = result["install_size"]
+        lines += ["", "Install size (`make install-size`): " + ", ".join(
+            f"`[{i['name']}]` {i['total_bytes'] / 2**20:,.0f} MiB" for i in inst["installs"]) + "; " + ", ".join(
+            f"`[{name}]` is {ratio:.3f}x `[{inst['reference']}]`" for name, ratio in inst["ratios"].items()) + "."]
     if result.get("profile"):
         lines += ["", "onnxruntime node profile (median per node, summed by op type; overhead = run minus node kernels):", "",
                   "| graph | batch | nodes | run (us) | node kernels (us) | overhead (us) | by op type (us) |",
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
                                   args.seconds, memory=not args.no_memory, run_length=args.run_length)
+            if not args.no_memory and load_summary() is not None:  # make install-size's measurement, if any
+                result["install_size"] = load_summary()
         if args.profile:
             shape = tuple(read_bundle(args.model).packed.input_shape)
             result["profile"] = [{"graph": g, **ort_node_profile(str(args.model / g), n, shape, args.threads)}

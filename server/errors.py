@@ -72,6 +72,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": summary, "errors": issues}, status_code=422)
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started: a middleware may answer an error
+    only before that (after it, half a response is out and nothing valid can follow)."""
+
+    def __init__(self, send):
+        self._send, self.started = send, False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class ErrorMiddleware:
     """Pure ASGI: an unexpected exception -> logged with an id, answered 500 JSON, not re-raised."""
 
@@ -81,20 +94,13 @@ class ErrorMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:  # noqa: BLE001 - the point of this middleware
             error_id = uuid.uuid4().hex[:12]
             log.exception("error_id=%s: unexpected error on %s %s", error_id, scope.get("method"), scope.get("path"))
-            if started:  # half a response is out: nothing valid can follow on this connection
+            if tracked.started:  # half a response is out: nothing valid can follow on this connection
                 raise
             await send_error(send, 500, "internal error; the server log has the details", error_id=error_id)
 

@@ -5,7 +5,7 @@ Content-Length is cut off as soon as it passes the limit. Answers 413 with a JSO
 """
 from __future__ import annotations
 
-import json
+from .errors import TrackedSend, send_error
 
 
 class BodyTooLarge(Exception):
@@ -17,11 +17,7 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes = app, max_bytes
 
     async def _reject(self, send) -> None:
-        body = json.dumps({"detail": f"request body over the limit of {self.max_bytes:,} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body over the limit of {self.max_bytes:,} bytes", {"Connection": "close"})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -35,7 +31,6 @@ class BodyLimitMiddleware:
                 if too_big:
                     return await self._reject(send)
         received = 0
-        started = False
 
         async def limited_receive():
             nonlocal received
@@ -46,14 +41,9 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(send)

@@ -1,7 +1,7 @@
 """What the endpoints share: the loaded model, the batcher, the decode pool, metrics, live figures, calibration."""
 from __future__ import annotations
 
-import collections
+import importlib.machinery
 import json
 import math
 import os
@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from g2gserve.bench.install_size import load_summary
 from g2gserve.bench.measure import Latency, peak_memory, sparse_vs_dense
+from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.fileio import atomic_write_text
 from g2gserve.runtime import InferenceModel, load
 
@@ -60,6 +62,27 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return out
 
 
+class LiveWindow:
+    """The last ``size`` requests' (time, images, latency, decode, queue, inference), in a preallocated ring:
+    recording allocates nothing, so a serving process's memory stays flat (a deque of tuples grew by ~1 MiB
+    until it was full)."""
+
+    def __init__(self, size: int):
+        self._rows = np.zeros((size, 6))
+        self._count = 0
+
+    def append(self, *row: float) -> None:
+        self._rows[self._count % len(self._rows)] = row
+        self._count += 1
+
+    def rows(self) -> np.ndarray:
+        """The recorded rows, oldest first."""
+        size = len(self._rows)
+        if self._count <= size:
+            return self._rows[:self._count].copy()
+        return np.roll(self._rows, -(self._count % size), axis=0)
+
+
 class Service:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -73,7 +96,7 @@ class Service:
         self.metrics = Metrics(cfg.max_batch)
         self.started = False  # the lifespan has loaded the models (and not begun shutting down)
         # per served request: (finished at, images, end-to-end s, decode s, queue s, inference s)
-        self.live: collections.deque[tuple[float, int, float, float, float, float]] = collections.deque(maxlen=LIVE_WINDOW)
+        self.live = LiveWindow(LIVE_WINDOW)
         self._calibration: dict = {"status": "pending"}
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
@@ -172,7 +195,7 @@ class Service:
     def record(self, images: int, latency: float, decode: float, queue: float, inference: float) -> None:
         self.metrics.request_latency.observe(latency)
         self.metrics.decode_latency.observe(decode)
-        self.live.append((time.perf_counter(), images, latency, decode, queue, inference))
+        self.live.append(time.perf_counter(), images, latency, decode, queue, inference)
 
     def close(self) -> None:
         self.decoder.shutdown(wait=False, cancel_futures=True)
@@ -236,27 +259,51 @@ class Service:
             "weights": {"sparse_bytes": sizes["stored_weight_bytes"], "dense_bytes": sizes["dense_weight_bytes"],
                         "ratio": sizes["stored_weight_bytes"] / sizes["dense_weight_bytes"]},
         }
-        if cfg.memory_probe:
+        # the torch-based probe only where torch is installed (a fresh process; a [serve]-only install has none)
+        if cfg.memory_probe and importlib.machinery.PathFinder.find_spec("torch") is not None:
             mem = {v: peak_memory(str(current.path), cfg.backend, v, cfg.max_batch, str(served.device), cfg.threads or 1)
                    for v in ("sparse", "dense")}
             result["resident_memory"] = {"sparse_peak_bytes": mem["sparse"]["vmhwm_bytes"],
                                          "dense_peak_bytes": mem["dense"]["vmhwm_bytes"],
                                          "saving_bytes": mem["dense"]["vmhwm_bytes"] - mem["sparse"]["vmhwm_bytes"]}
+        if cfg.memory_probe:
+            slim = self._slim_memory(Path(current.path))
+            if slim is not None:
+                result["resident_memory_slim"] = slim
+        install = load_summary()  # measured by make install-size; never measured here (it takes minutes)
+        if install is not None:
+            result["install_size"] = {"bytes": {i["name"]: i["total_bytes"] for i in install["installs"]},
+                                      "ratio_to_" + install["reference"]: install["ratios"]}
         b1, bm = timing["batch_1"], timing[f"batch_{cfg.max_batch}"]
         result["summary"] = (
             f"on this machine the sparse model is {b1['speedup']:.2f}x as fast as its dense twin at batch 1 and "
             f"{bm['speedup']:.2f}x at batch {cfg.max_batch}, and stores {result['weights']['ratio']:.2f}x the "
             f"weight bytes" + (f"; a fresh process serving it peaks {result['resident_memory']['saving_bytes'] / 2**20:.1f}"
-                               f" MiB lower" if "resident_memory" in result else ""))
+                               f" MiB lower" if "resident_memory" in result else "")
+            + (f"; without torch (a [serve] install) {result['resident_memory_slim']['saving_bytes'] / 2**20:.1f} MiB "
+               f"lower ({result['resident_memory_slim']['ratio']:.2f}x the dense twin's peak)"
+               if "resident_memory_slim" in result else ""))
         return result
+
+    def _slim_memory(self, path: Path) -> dict | None:
+        """Peak RSS of fresh sparse and dense processes with torch blocked, as in a ``[serve]``-only install (the
+        served backend where it is a slim one, else onnxruntime); None for a model.pt, which needs torch."""
+        cfg = self.cfg
+        if not path.is_dir():
+            return None
+        backend = cfg.backend if cfg.backend in SLIM_BACKENDS else "onnxruntime"
+        mem = {v: peak_memory(str(path), backend, v, cfg.max_batch, "cpu", cfg.threads or 1, slim=True)["vmhwm_bytes"]
+               for v in ("sparse", "dense")}
+        return {"backend": backend, "sparse_peak_bytes": mem["sparse"], "dense_peak_bytes": mem["dense"],
+                "saving_bytes": mem["dense"] - mem["sparse"], "ratio": mem["sparse"] / mem["dense"]}
 
     # -------------------------------------------------------------- live figures
     def live_stats(self) -> dict:
         """End-to-end figures of the requests served (in this process), next to the forward passes they needed."""
-        data = list(self.live)
-        if not data:
+        arr = self.live.rows()
+        if not len(arr):
             return {"requests": 0}
-        arr = np.array(data)
+        data = arr
 
         def pct(col: int) -> dict:
             lat = Latency.of(arr[:, col].tolist())

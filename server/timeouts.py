@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .errors import send_error
+from .errors import TrackedSend, send_error
 
 
 class _BodyTimeout(Exception):
@@ -36,7 +36,7 @@ class DeadlineMiddleware:
         loop = asyncio.get_running_loop()
         body_deadline = loop.time() + self.body_timeout_s
         request_deadline = loop.time() + self.request_timeout_s
-        started = body_done = False
+        body_done = False
 
         async def timed_receive():
             nonlocal body_done
@@ -50,20 +50,15 @@ class DeadlineMiddleware:
                 body_done = True
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await _within(self.app(scope, timed_receive, tracking_send), self.request_timeout_s)
+            await _within(self.app(scope, timed_receive, tracked), self.request_timeout_s)
         except _BodyTimeout:
-            if not started:
+            if not tracked.started:
                 await send_error(send, 408, f"request body not received within {self.body_timeout_s:g} s",
                                  {"Connection": "close"})
         except asyncio.TimeoutError:
-            if loop.time() < request_deadline or started:
+            if loop.time() < request_deadline or tracked.started:
                 raise  # a timeout of the app's own, not the deadline: ErrorMiddleware reports it
             await send_error(send, 503, f"no answer within the request deadline of {self.request_timeout_s:g} s",
                              {"Retry-After": "1"})

@@ -381,3 +381,13 @@ def test_protocol_refusals_reach_the_counters_without_a_scrape():
         return before, metrics.registry.get_sample_value("g2g_rejected_total")
     assert asyncio.run(main()) == (0, 3)
     assert metrics.registry.get_sample_value("g2g_requests_total", {"path": "/classify", "status": "503"}) == 3
+
+
+def test_live_window_keeps_the_last_requests_in_order_without_growing():
+    from server.service import LiveWindow
+    window = LiveWindow(4)
+    assert window.rows().shape == (0, 6)
+    for i in range(10):
+        window.append(i, 1, 0.1, 0, 0, 0)
+    rows = window.rows()
+    assert rows[:, 0].tolist() == [6, 7, 8, 9]  # the last four, oldest first

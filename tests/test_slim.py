@@ -136,3 +136,29 @@ def test_install_size_measures_each_distribution():
     if (venv / "bin" / "python").exists():
         text = report([venv, venv], top=len(sizes))
         assert f"| numpy | {sizes['numpy'] / 2**20:,.1f} |" in text and "1.000x" in text
+
+
+CALIBRATE = """
+import importlib.machinery, json, sys
+from fastapi.testclient import TestClient
+from server.app import ServeConfig, create_app
+cfg = ServeConfig(model=sys.argv[1], backend="onnxruntime", calibration_seconds=0.05, max_batch=4, calibrate=False,
+                  admin_token="t0ken")
+with TestClient(create_app(cfg)) as client:
+    cal = client.post("/stats/calibrate", headers={"Authorization": "Bearer t0ken"}).json()
+cal["torch_installed"] = importlib.machinery.PathFinder.find_spec("torch") is not None
+cal["torch_imported"] = sys.modules.get("torch") is not None
+print(json.dumps(cal))
+"""
+
+
+def test_a_torch_free_server_calibrates_and_reports_slim_memory(export_and_images):
+    """/stats' calibration in a process without torch: the slim sparse/dense peaks always, the torch-based ones
+    only where torch is installed (in .venv-slim it is not, and calibration must not fail for it)."""
+    pytest.importorskip("fastapi")
+    export, _, _ = export_and_images
+    cal = _run(BLOCK_TORCH + CALIBRATE, export)
+    assert cal["status"] == "done", cal
+    assert not cal["torch_imported"] and cal["resident_memory_slim"]["backend"] == "onnxruntime"
+    assert cal["resident_memory_slim"]["sparse_peak_bytes"] > 0
+    assert ("resident_memory" in cal) == cal["torch_installed"]

@@ -14,22 +14,22 @@ import sys
 SLIM_BACKENDS = ("onnxruntime", "fused")
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def vm_hwm_bytes() -> int:
-    """Peak resident memory of this process."""
-    return _status_bytes("VmHWM")
+def vm_hwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident memory of this process (or of process ``pid``)."""
+    return _status_bytes("VmHWM", pid)
 
 
-def vm_rss_bytes() -> int:
-    """Resident memory of this process now."""
-    return _status_bytes("VmRSS")
+def vm_rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of this process (or of process ``pid``) now."""
+    return _status_bytes("VmRSS", pid)
 
 
 def main() -> None:
