@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .admission import AdmissionGate
+from .admission import AdmissionGate, EarlyAdmission
 from .auth import add_admin_routes, api_key_dependencies
 from .errors import error_responses
 from .hardening import harden
@@ -45,6 +45,7 @@ def _lifespan(service: Service):
         calibration = asyncio.create_task(asyncio.to_thread(service.run_calibration)) if calibrate else None
         yield
         service.ready = False
+        app.state.early_admission.flush()  # protocol refusals not yet in the counters
         await service.repository.close()  # let in-flight requests finish
         if calibration is not None:
             await calibration
@@ -68,6 +69,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                   docs_url=None, redoc_url=None,  # /docs with local assets: server/docs_assets.py
                   description="Image classification with a sparse G2GNet, and what its sparsity saves on this machine.")
     app.state.service = service
+    app.state.early_admission = EarlyAdmission(service)  # refusals decided in the HTTP protocol (server/protocol.py)
     for router in ROUTERS:
         guarded = router in (classify.router, v2.router) and cfg.api_key  # inference, whichever protocol
         app.include_router(router, dependencies=api_key_dependencies(cfg.api_key) if guarded else None,

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections closed after")
     g.add_argument("--limit-concurrency", type=int, default=1000,
                    help="connections (and requests in flight) per worker; beyond: 503 + Retry-After")
+    g.add_argument("--no-protocol-refusal", action="store_true",
+                   help="answer admission refusals (503) through the app instead of in the HTTP protocol "
+                        "(slower under overload; for comparisons)")
 
 
 def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,7 +79,8 @@ def uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     options: dict[str, Any] = dict(timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
-                                   http=protocol.configure(args.header_timeout, args.max_header_kb * 1024))
+                                   http=protocol.configure(args.header_timeout, args.max_header_kb * 1024,
+                                                          early_refusal=not args.no_protocol_refusal))
     if args.ssl_certfile:
         options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return options

@@ -7,6 +7,7 @@ worker answers. Process metrics (``process_resident_memory_bytes`` …) are then
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest, multiprocess)
@@ -39,12 +40,15 @@ class Metrics:
         self.errors = Counter("g2g_errors", "HTTP responses with status >= 400", ["path", "status"], registry=r)
         self.rejected = Counter("g2g_rejected", "requests refused at admission (503: queue full or too slow)",
                                 registry=r)
+        self.before_scrape: list[Callable[[], None]] = []  # flush counts kept aside (server/admission.py)
         self.model_info = Gauge("g2g_model_info", "the served model (value 1)",
                                 ["name", "version", "backend", "device", "variant", "formats"], registry=r,
                                 multiprocess_mode="max")
 
     def exposition(self) -> tuple[bytes, str]:
         """The text a scrape gets: this process's registry, or the sum over all workers in multiprocess mode."""
+        for flush in self.before_scrape:
+            flush()
         if multiprocess_dir() is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()

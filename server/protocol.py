@@ -7,6 +7,15 @@ be complete within ``header_timeout_s`` of the connection (or of the previous re
 408, and within ``max_header_bytes``, else 431, both as JSON with ``Connection: close``. When
 ``limit_concurrency`` is exceeded, the 503 is JSON as well (uvicorn's own is plain text).
 
+Admission refusals are decided here too (``early_refusal``, on by default): once the headers of a
+``POST /classify`` are parsed, the app's ``EarlyAdmission`` (``server/admission.py``) says whether the queue
+can take the images they announce; if not, a canned 503 JSON with ``Retry-After`` goes straight onto the
+transport, without an ASGI task or the middleware stack, and is counted in ``/metrics`` as the app would count
+it. The connection stays usable: a body announced by Content-Length (up to ``DRAIN_BYTES``) is read and
+discarded (within ``header_timeout_s``, else the connection is closed); any other body (chunked, larger,
+``Expect: 100-continue``) is not read, and the answer says ``Connection: close``. Only a request with nothing
+before it on the connection is answered here (responses stay in order); pipelined ones go to the app's gate.
+
 The settings travel in an environment variable, so ``--workers N`` (spawned processes that import
 this class by name) get them too; ``configure`` sets it.
 """
@@ -17,12 +26,15 @@ import collections
 import json
 import os
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .admission import busy_body, request_path, retry_after
 from .errors import error_body, send_error
 
 ENV = "G2G_SERVE_PROTOCOL"
-DEFAULTS = {"header_timeout_s": 10.0, "max_header_bytes": 16 * 1024}
+DEFAULTS = {"header_timeout_s": 10.0, "max_header_bytes": 16 * 1024, "early_refusal": True}
+DRAIN_BYTES = 1 << 20  # a refused request's body up to this size is read and discarded (keep-alive); larger: close
 REFUSED: collections.Counter[int] = collections.Counter()  # status -> requests answered here, not by the app
 
 
@@ -39,14 +51,26 @@ class RefusalCollector:
         yield family
 
 
-def configure(header_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
+def configure(header_timeout_s: float, max_header_bytes: int, early_refusal: bool = True) -> type[HttpToolsProtocol]:
     """Set the bounds for this process and the workers it spawns; returns the class for uvicorn's ``http=``."""
-    os.environ[ENV] = json.dumps({"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes})
+    os.environ[ENV] = json.dumps({"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes,
+                                  "early_refusal": early_refusal})
     return GuardedHttpToolsProtocol
 
 
 def _settings() -> dict:
     return {**DEFAULTS, **json.loads(os.environ.get(ENV, "{}"))}
+
+
+def _early_admission(app):
+    """The ``EarlyAdmission`` of the served app (``app.state.early_admission``), looked for through the wrappers
+    uvicorn puts around it (``.app``); None for any other app."""
+    for _ in range(8):
+        found = getattr(getattr(app, "state", None), "early_admission", None)
+        if found is not None or app is None:
+            return found
+        app = getattr(app, "app", None)
+    return None
 
 
 async def _busy(scope, receive, send) -> None:
@@ -68,6 +92,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._in_headers = False
         self._refused = False
+        self._early = _early_admission(self.app) if settings["early_refusal"] else None
+        self._discarding = False  # reading the body of a request refused here
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drained = False  # a refused request's body was read in this data_received call
 
     # ------------------------------------------------------------ header deadline
     def _arm(self) -> None:
@@ -109,6 +137,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._stop_draining()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -131,6 +160,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_headers and self._header_bytes > self.max_header_bytes:  # still no end of headers
             self._refuse(431, f"request headers over the limit of {self.max_header_bytes:,} bytes")
+        if self._drained or self._discarding:
+            self._drained = False
+            idle = self.cycle is None or self.cycle.response_complete
+            if self._discarding:  # the refused request's body is still coming: bounded (armed only now, seldom)
+                if self._drain_timer is None and not self.transport.is_closing():
+                    self._drain_timer = self.loop.call_later(self.header_timeout_s, self._drain_too_slow)
+            elif idle and self._header_timer is None and not self.transport.is_closing():
+                # nothing more arrived after the refused request: idle keep-alive, as after any response
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -141,6 +181,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # this connection is one of self.connections; the task for this request is not in self.tasks yet
         busy = self._limit is not None and (len(self.connections) > self._limit or len(self.tasks) >= self._limit)
         if not busy:
+            if self._early is not None and self._refuse_early():
+                return
             return super().on_headers_complete()
         app, self.app = self.app, _busy
         try:
@@ -149,9 +191,61 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.app = app
 
     def on_body(self, body: bytes) -> None:
-        if not self._refused:
+        if not self._refused and not self._discarding:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._refused:
+        if self._discarding:  # the refused request's body is read: the connection takes the next request
+            self._stop_draining()
+            self._drained = True
+            self._in_headers = True  # the next request's headers are counted from the next bytes received
+            self._header_bytes = 0  # (not the refused body's: that is no header, however large)
+        elif not self._refused:
             super().on_message_complete()
+
+    # ------------------------------------------------------------ admission refusals, without the app
+    def _refuse_early(self) -> bool:
+        """Answer 503 here if the app's admission would refuse this request; True if it did."""
+        if self.pipeline or not (self.cycle is None or self.cycle.response_complete):
+            return False  # an earlier request is still being answered: its response must go first
+        method = self.parser.get_method()
+        if method != b"POST":
+            return False
+        url = httptools.parse_url(self.url)
+        reason = self._early.refusal(method, request_path(url.path, self.root_path), self.headers, url.query or b"")
+        if reason is None:
+            return False
+        length = next((v for k, v in self.headers if k == b"content-length"), None)
+        chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
+        keep_alive = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                      and not self.expect_100_continue and not chunked
+                      and length is not None and length.isdigit() and int(length) <= DRAIN_BYTES)
+        body = busy_body(reason)
+        head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+        head += [b"%s: %s\r\n" % kv for kv in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nretry-after: %s\r\n%s\r\n"
+                    % (len(body), retry_after(reason), b"" if keep_alive else b"connection: close\r\n"))
+        self.transport.write(b"".join(head) + body)
+        self._early.count()
+        self.server_state.total_requests += 1
+        if self.access_log:
+            client = "%s:%d" % self.client if self.client else ""  # uvicorn's access-log format and arguments
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.url.decode("latin-1"),
+                                    self.parser.get_http_version(), 503)
+        if not keep_alive:
+            self._refused = True  # nothing more is read on this connection
+            self.transport.close()
+            return True
+        self._discarding = True  # data_received bounds the rest of the body if it does not come with the headers
+        return True
+
+    def _drain_too_slow(self) -> None:
+        self._drain_timer = None
+        self._refused = True
+        self.transport.close()
+
+    def _stop_draining(self) -> None:
+        self._discarding = False
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None

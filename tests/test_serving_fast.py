@@ -262,22 +262,125 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
                   images_per_s=n * 1000.0 * (1 if s != "dense" else 0.5))
              for s in ("ceiling", "sparse", "dense") for k, n in servebench.KINDS.items() for c in (1, 32)]
     lat = lambda p50, p99: {"count": 10, "p50_ms": p50, "p99_ms": p99}  # noqa: E731
+    run = lambda accepted, refused, **kw: dict(  # noqa: E731
+        accepted=accepted, refused=refused, answers_per_s=4000.0, accepted_per_s=10.0, other_status=0, other_5xx=0,
+        transport_errors=0, **kw)
     result = {"cells": cells, "connections": (1, 32), "command": "python -m server.servebench X", "model": "X",
               "backend": "fused", "seconds": 1, "pinned": True, "wrk": "wrk 4.1",
               "machine": {"cpu": "Test CPU", "isa": "AVX2", "cores": 2},
-              "overload": {"connections": 256, "seconds": 1, "accepted": lat(10, 200), "refused": lat(1, 2),
-                           "other_status": 0, "other_5xx": 0, "transport_errors": 0, "after": {"statuses": [200], **lat(1, 1)}},
+              "overload": {"connections": 256, "seconds": 1, "factor": 4.0, "capacity_per_s": 10.0,
+                           "after": {"statuses": [200], **lat(1, 1)},
+                           "storm": run(lat(10, 20), lat(60, 300), little_ms=64.0),
+                           "paced": run(lat(10, 200), lat(1, 2), offered_per_s=40.0, not_sent=0)},
               "healthz": {"healthz": lat(0.2, 30), "large_requests": lat(900, 900), "large_statuses": [200]}}
     result["targets"] = servebench.targets(result)
     verdict = {t["target"].split(":")[0]: t["met"] for t in result["targets"]}
-    overload = {t["target"]: t["met"] for t in result["targets"] if t["target"].startswith("overload")}
+    overload = {t["target"]: t["met"] for t in result["targets"] if "overload" in t["target"]}
     assert verdict["32 connections, single PNG"] is True  # 50% of the ceiling
     assert verdict["1 connection"] is True and verdict["64-image requests (png64)"] is True
     assert [met for name, met in overload.items() if "accepted p99" in name] == [False]  # 200 ms > 10 x 10 ms
-    assert sum(overload.values()) == 3  # refusals fast, no other 5xx, recovery
+    assert sum(overload.values()) == 3  # paced refusals fast (the storm's 300 ms is only shown), no 5xx, recovery
     assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
     page = servebench.markdown(result)
     assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page
+    assert "| sparse | retry storm | as answered | 4,000 | 10 | 10.0 / 20.0 | 10 | 60.0 / 300.0 | 64.0 |" in page
+    assert "| sparse | paced 4x | 40 | 4,000 | 10 | 10.0 / 200.0 | 10 | 1.0 / 2.0 |" in page
+
+
+def _exchange_raw(sock, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on an open socket; (status, headers, body) of the answer (Content-Length bodies only)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before an answer"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_protocol_refuses_before_the_app_and_keeps_the_connection(export_dir, monkeypatch):
+    import json
+    import socket
+
+    from server import protocol
+    from test_hardening import _serve
+    monkeypatch.setenv(protocol.ENV, "{}")  # configure() writes it; restored after the test
+    app = _app(export_dir, max_batch=1, max_wait_ms=0, max_queue_ms=20, calibrate=False)
+    server, thread, port = _serve(app, http=protocol.configure(1.0, 16 * 1024))
+    try:
+        service = app.state.service
+        real, admitted = service.batcher.predict, []
+        monkeypatch.setattr(service.batcher, "predict", lambda x: (time.sleep(0.5), real(x))[1])
+        real_admit = service.batcher.admit
+        monkeypatch.setattr(service.batcher, "admit", lambda n=1: (admitted.append(n), real_admit(n))[1])
+        service.batcher.cost.observe(1, 0.5)
+        url = f"http://127.0.0.1:{port}/classify"
+        slow = threading.Thread(target=lambda: httpx.post(url, content=_png(), timeout=10))
+        slow.start()
+        while service.batcher.pending_images == 0:
+            time.sleep(0.01)
+        png = _png(1)
+        post = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n"
+                .encode() + png)
+        big = png + b"\0" * (40 * 1024)  # a body larger than the header limit is no header
+        big_post = post.replace(f"Length: {len(png)}".encode(), f"Length: {len(big)}".encode())[:-len(png)] + big
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for request in (post, big_post):  # the body is read and discarded: the next request is parsed
+                t = time.perf_counter()
+                status, headers, body = _exchange_raw(sock, request)
+                assert time.perf_counter() - t < 0.4 and status == 503  # at once, not after the 0.5 s pass
+                assert headers["content-type"] == "application/json" and int(headers["retry-after"]) >= 1
+                assert "connection" not in headers and json.loads(body)["detail"].startswith("server busy")
+            assert admitted == [1]  # only the slow request reached the app's gate: the refusals never did
+            assert _exchange_raw(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+            slow.join()
+            status, _, body = _exchange_raw(sock, post)  # the queue is free again: admitted on the same connection
+            assert status == 200 and json.loads(body)["predictions"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # a body it will not wait for
+            slow = threading.Thread(target=lambda: httpx.post(url, content=_png(), timeout=10))
+            slow.start()
+            while service.batcher.pending_images == 0:
+                time.sleep(0.01)
+            chunked = b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"
+            status, headers, _ = _exchange_raw(sock, chunked)
+            assert status == 503 and headers["connection"] == "close" and sock.recv(10) == b""
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as short:  # a body that never comes
+                status, _, _ = _exchange_raw(short, post[:-10])
+                t = time.perf_counter()
+                assert status == 503 and short.recv(10) == b""  # its body is waited for 1 s (the header bound)
+                assert 0.5 < time.perf_counter() - t < 3
+            slow.join()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert _counter(metrics, "g2g_rejected_total") == 4
+        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="503"}') == 4
+        assert _counter(metrics, 'g2g_requests_total{path="/classify",status="200"}') == 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_protocol_refusals_reach_the_counters_without_a_scrape():
+    """Counted in an int on the hot path; in the Prometheus counters within FLUSH_S (other workers' scrapes)."""
+    import types
+
+    from server import admission
+    from server.metrics import Metrics
+    metrics = Metrics(8)
+    early = admission.EarlyAdmission(types.SimpleNamespace(metrics=metrics))
+
+    async def main():
+        for _ in range(3):
+            early.count()
+        before = metrics.registry.get_sample_value("g2g_rejected_total")
+        await asyncio.sleep(admission.FLUSH_S + 0.2)
+        return before, metrics.registry.get_sample_value("g2g_rejected_total")
+    assert asyncio.run(main()) == (0, 3)
+    assert metrics.registry.get_sample_value("g2g_requests_total", {"path": "/classify", "status": "503"}) == 3
 
 
 def test_live_window_keeps_the_last_requests_in_order_without_growing():
