@@ -164,10 +164,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['backend']} | {r['requests']:,} | {r['errors']} | {r['seconds']:.1f} | "
                      f"{r['ready_rss_bytes'] / MIB:.1f} MiB | {r['vmhwm_bytes'] / MIB:.1f} MiB | {spread} | "
                      f"{'n/a' if growth is None else f'{growth:.0f} B'} |")
-    lines += ["", f"The server keeps the figures of its last {LIVE_WINDOW:,} requests for `/stats` (a bounded "
-              "window), which fills during the first requests of this run: resident memory may grow per request "
-              "(last column) until it is full and should stay flat after it (run with `--requests "
-              f"{2 * LIVE_WINDOW}` to check)."]
+    lines += ["", f"The server keeps the figures of its last {LIVE_WINDOW:,} requests for `/stats` in a preallocated "
+              "ring (`server.service.LiveWindow`), so recording a request allocates nothing; what growth remains "
+              "in the last column is the allocator's and the libraries' own."]
     lines += ["", "## Sparse vs dense: peak RSS of fresh processes", "",
               f"`memprobe` (load, warm up at batch 1 and {result['batch']}, a fixed request mix); slim = torch "
               "blocked, as in a `[serve]`-only install. The fused backend's kernel is compiled once before (numba "
