@@ -227,8 +227,11 @@ class Outcome:
 
 
 def _send(conn: http.client.HTTPConnection, case: Case) -> tuple[int, bytes, bool]:
-    conn.request(case.method, case.path, body=case.body or None, headers=case.headers or {})
-    r = conn.getresponse()
+    try:
+        conn.request(case.method, case.path, body=case.body or None, headers=case.headers or {})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered (413) and closed before the whole body was out: its answer is still readable
+    r = conn.getresponse()  # no answer at all: RemoteDisconnected, counted as a reset
     return r.status, r.read(), (r.getheader("connection") or "").lower() == "close"
 
 
