@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.fileio import atomic_write_text
 from g2gserve.runtime import InferenceModel, load
 
-from .batching import MicroBatcher
+from .batching import BatchResult, MicroBatcher, Overloaded, Ticket
 from .oip.repository import ModelRepository, Served
 from .metrics import Metrics
 from .settings import ServeConfig
@@ -191,6 +191,27 @@ class Service:
         if body.payloads is not None and len(body.payloads) > 1:
             size = body.encoded_bytes / len(body.payloads)
             self.bytes_per_image = size if self.bytes_per_image == 0 else 0.9 * self.bytes_per_image + 0.1 * size
+
+    async def serve_admitted(self, batcher: MicroBatcher, ticket: Ticket, start: float,
+                             images_of: Callable[[], Awaitable[np.ndarray]],
+                             busy: Callable[[Overloaded], Exception]) -> tuple[BatchResult, dict[str, float]]:
+        """Read and decode an admitted request (``images_of``), queue it and run it: the one path of ``/classify``
+        and v2 infer. The ticket is released whatever happens; a refusal is counted and raised as ``busy(e)``
+        (each protocol has its error shape). Returns the result and the request's timing in ms."""
+        try:
+            images = await images_of()
+            decoded = time.perf_counter()
+            result = await ticket.submit(images)
+        except Overloaded as e:
+            self.metrics.rejected.inc()
+            raise busy(e)
+        finally:
+            ticket.release()
+            self.metrics.queue_depth.set(batcher.pending_images)
+        latency = time.perf_counter() - start
+        self.record(len(images), latency, decoded - start, result.queue_s, result.inference_s)
+        return result, {"latency_ms": latency * 1e3, "decode_ms": (decoded - start) * 1e3,
+                        "queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3}
 
     def record(self, images: int, latency: float, decode: float, queue: float, inference: float) -> None:
         self.metrics.request_latency.observe(latency)

@@ -11,25 +11,12 @@ import httpx
 import pytest
 
 pytest.importorskip("fastapi", reason="the server extra is not installed")
-import uvicorn  # noqa: E402
 
-from test_server import _app, _free_port, _png, export_dir  # noqa: F401 - export_dir is a fixture
+from live import start_server
+from test_server import _app, _png, export_dir  # noqa: F401 - export_dir is a fixture
 
 
-def _serve(app, **options):
-    """uvicorn on a free loopback port in a thread, with ``options``; yields (host, port, app) once ready."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return server, thread, port
+_serve = start_server  # (server, thread, port) once /readyz answers
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import base64
 import gzip
 import json
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi", reason="the server extra is not installed (core-only environment, e.g. a GPU box)")
-import uvicorn  # noqa: E402
 
 from g2gserve.data.images import encode_png  # noqa: E402
 from g2gserve.data.preprocess import Preprocess  # noqa: E402
@@ -30,6 +28,7 @@ from server.app import ServeConfig, create_app  # noqa: E402
 from server.oip.protocol import OIPError, parse_infer_request  # noqa: E402
 
 from conftest import _images, tiny_config  # noqa: E402
+from live import start_server  # noqa: E402
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TOKEN = "s3cret-admin"
@@ -71,27 +70,10 @@ def images():
         return x[:, None]  # (N, 1, 28, 28) uint8
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(app):
-    """uvicorn on a free loopback port in a thread; yields the URL once /v2/health/ready answers."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return url, server, thread
+    """uvicorn on a free loopback port in a thread; (url, server, thread) once /v2/health/ready answers."""
+    server, thread, port = start_server(app, ready="/v2/health/ready")
+    return f"http://127.0.0.1:{port}", server, thread
 
 
 def _app(model_repository, **kw):

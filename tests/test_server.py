@@ -1,7 +1,6 @@
 import asyncio
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi", reason="the server extra is not installed (core-only environment, e.g. a GPU box)")
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -22,6 +20,7 @@ from server.app import ServeConfig, create_app
 from server.batching import MicroBatcher, QueueFull
 from server.loadtest import loopback_only
 
+from live import free_port as _free_port, start_server  # noqa: F401 - _free_port is imported by others
 from test_export import _checkpoint
 
 
@@ -183,27 +182,10 @@ def test_queue_full_answers_503_with_retry_after(export_dir, monkeypatch):
         assert (503, "1") in statuses and (200, None) in statuses
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(app):
     """uvicorn on a free loopback port in a thread; returns (url, server, thread) once /readyz answers."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return url, server, thread
+    server, thread, port = start_server(app)
+    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture

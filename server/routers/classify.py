@@ -55,7 +55,8 @@ async def classify(request: Request, service: Service = Depends(loaded_service),
         except Overloaded as e:
             service.metrics.rejected.inc()
             raise _busy(e)
-    try:
+
+    async def images_of() -> np.ndarray:
         body = await read_body(request, model.input_shape, cfg.max_images_per_request)
         ticket.resize(body.images_hint)
         service.observe_body(body)
@@ -65,17 +66,9 @@ async def classify(request: Request, service: Service = Depends(loaded_service),
             images, seconds = timed_decode(*args)
         else:
             images, seconds = await asyncio.get_running_loop().run_in_executor(service.decoder, timed_decode, *args)
-        decoded = time.perf_counter()
         batcher.observe_decode(len(images), seconds)  # the work itself, not the wait for a decode thread
-        result = await ticket.submit(images)
-    except Overloaded as e:
-        service.metrics.rejected.inc()
-        raise _busy(e)
-    finally:
-        ticket.release()
-        service.metrics.queue_depth.set(batcher.pending_images)
-    latency = time.perf_counter() - start
-    service.record(len(images), latency, decoded - start, result.queue_s, result.inference_s)
+        return images
+
+    result, timing = await service.serve_admitted(batcher, ticket, start, images_of, _busy)
     return FastJSONResponse({"model": service.model_card, "predictions": top_k(result.probs, model.classes, top_k_),
-                           "latency_ms": latency * 1e3, "decode_ms": (decoded - start) * 1e3,
-                           "queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3})
+                             **timing})

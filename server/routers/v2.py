@@ -13,6 +13,7 @@ import math
 import time
 from typing import Any, Awaitable
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
@@ -153,7 +154,10 @@ async def _infer(service: Service, name: str, version: str | None, request: Requ
     except Overloaded as e:
         service.metrics.rejected.inc()
         raise _busy(e)
-    try:
+    req = None
+
+    async def images_of() -> np.ndarray:
+        nonlocal req
         body = decompress(await request.body(), request.headers.get("content-encoding"), cfg.max_body_bytes)
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"), model.input_shape,
                                   cfg.max_images_per_request)
@@ -166,19 +170,10 @@ async def _infer(service: Service, name: str, version: str | None, request: Requ
             images = await asyncio.get_running_loop().run_in_executor(
                 service.decoder, decode_body, Body(payloads=req.encoded), model.input_shape, cfg.max_pixels,
                 cfg.max_images_per_request)
-        decoded = time.perf_counter()
-        batcher.observe_decode(len(images), decoded - decode_start)
-        result = await ticket.submit(images)
-    except Overloaded as e:
-        service.metrics.rejected.inc()
-        raise _busy(e)
-    finally:
-        ticket.release()
-        service.metrics.queue_depth.set(batcher.pending_images)
-    latency = time.perf_counter() - start
-    service.record(len(images), latency, decoded - start, result.queue_s, result.inference_s)
-    timing = {"latency_ms": latency * 1e3, "decode_ms": (decoded - start) * 1e3, "queue_ms": result.queue_s * 1e3,
-              "inference_ms": result.inference_s * 1e3}
+        batcher.observe_decode(len(images), time.perf_counter() - decode_start)
+        return images
+
+    result, timing = await service.serve_admitted(batcher, ticket, start, images_of, _busy)
     content, headers = encode_infer_response(req, served.name, served.version, result.probs, model.classes, timing)
     return Response(content, headers=headers)
 
