@@ -52,23 +52,36 @@ class BatchResult:
 
 
 class CostModel:
-    """Seconds of one forward pass of ``n`` images, ``a + b·n``, least squares over the last passes timed."""
+    """Seconds of one forward pass of ``n`` images, ``a + b·n``, least squares over the last passes timed.
+
+    The fit is kept as running sums (added on arrival, subtracted on eviction): it is updated after every forward
+    pass, often on the event loop, where rebuilding arrays and calling ``np.polyfit`` cost more than small passes."""
 
     def __init__(self, window: int = 64):
-        self._samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self._samples: collections.deque[tuple[int, float]] = collections.deque()
+        self._window = window
+        self._sums = [0.0] * 5  # Σn, Σt, Σn², Σn·t, Σt/n
         self.fixed_s, self.per_image_s = 0.0, 0.0
+
+    def _add(self, n: int, t: float, sign: float) -> None:
+        for i, v in enumerate((n, t, n * n, n * t, t / n)):
+            self._sums[i] += sign * v
 
     def observe(self, n: int, seconds: float) -> None:
         self._samples.append((n, seconds))
-        ns = np.array([s[0] for s in self._samples], dtype=np.float64)
-        ts = np.array([s[1] for s in self._samples], dtype=np.float64)
-        if np.ptp(ns) > 0:
-            b, a = np.polyfit(ns, ts, 1)
-            self.fixed_s, self.per_image_s = max(0.0, float(a)), max(0.0, float(b))
+        self._add(n, seconds, 1.0)
+        if len(self._samples) > self._window:
+            self._add(*self._samples.popleft(), -1.0)
+        k = len(self._samples)
+        sn, st, snn, snt, s_ratio = self._sums
+        spread = k * snn - sn * sn  # k² · variance of n: exact for integer n, > 0 unless all n are equal
+        if spread > 0:
+            b = (k * snt - sn * st) / spread
+            self.fixed_s, self.per_image_s = max(0.0, (st - b * sn) / k), max(0.0, b)
         else:
-            self.fixed_s, self.per_image_s = 0.0, float(np.mean(ts / ns))
+            self.fixed_s, self.per_image_s = 0.0, s_ratio / k
         if self.fixed_s == 0.0 and self.per_image_s == 0.0:  # a degenerate fit: fall back to the mean per image
-            self.per_image_s = float(np.mean(ts / ns))
+            self.per_image_s = s_ratio / k
 
     def seconds(self, n: int) -> float:
         return self.fixed_s + self.per_image_s * n if n > 0 else 0.0

@@ -73,15 +73,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 class TrackedSend:
-    """An ASGI ``send`` that remembers whether the response has started: a middleware may answer an error
-    only before that (after it, half a response is out and nothing valid can follow)."""
+    """An ASGI ``send`` that remembers whether the response has started, and its status: a middleware may
+    answer an error only before that (after it, half a response is out and nothing valid can follow)."""
 
     def __init__(self, send):
-        self._send, self.started = send, False
+        self._send, self.started, self.status = send, False, 500  # 500 until a response starts
 
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
-            self.started = True
+            self.started, self.status = True, message["status"]
         await self._send(message)
 
 

@@ -12,6 +12,8 @@ from typing import Callable
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest, multiprocess)
 
+from .errors import TrackedSend
+
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -66,17 +68,11 @@ class RequestCounter:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
-
-        async def counting_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, tracked)
         finally:
+            status = tracked.status
             route = getattr(scope.get("route"), "path", None)  # the matched template: /v2/models/{name}/infer
             path = route or (scope["path"] if scope["path"] in self.known_paths else "other")
             self.metrics.requests.labels(path, str(status)).inc()

@@ -86,7 +86,8 @@ def bodies() -> dict[str, tuple[bytes, str]]:
 
 
 # ---------------------------------------------------------------------- servers
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port no one listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -100,7 +101,7 @@ class Server:
     """A server process pinned to core 0, stopped on exit; ``url`` once /readyz answers."""
 
     def __init__(self, args: list[str], log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(_pin(0) + [sys.executable, "-m", *args, "--port", str(self.port)],
