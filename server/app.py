@@ -8,15 +8,17 @@ layers (auth, error model, timeouts) go in one place.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .admission import AdmissionGate, EarlyAdmission
+from .admission import PATH, AdmissionGate, EarlyAdmission
 from .auth import add_admin_routes, api_key_dependencies
 from .errors import error_responses
 from .hardening import harden
+from .hotpath import HotRoute, hot_route
 from .limits import BodyLimitMiddleware
 from .metrics import RequestCounter
 from .routers import ROUTERS, classify, v2
@@ -40,6 +42,8 @@ def _lifespan(service: Service):
             why = failed or [f"the default model {default!r} is not in the repository" if default
                              else "the repository holds no model"]
             raise RuntimeError("no model to serve: " + "; ".join(why))
+        gc.collect()
+        gc.freeze()  # the start-up heap (libraries, models) is never collected: no full collection walks it again
         service.ready = True
         calibrate = service.cfg.calibrate and service.claims_startup_calibration()
         calibration = asyncio.create_task(asyncio.to_thread(service.run_calibration)) if calibrate else None
@@ -57,6 +61,9 @@ def _middleware(app: FastAPI, service: Service) -> None:
     """Every middleware and exception handler of the app (outermost last)."""
     known_paths = {r.path for routes in (app.routes, *(r.routes for r in ROUTERS)) for r in routes
                    if hasattr(r, "path")}  # other paths are counted as "other"
+    route = hot_route(classify.router, "POST", PATH)
+    if route is not None and not service.cfg.api_key:  # straight from the middleware to the endpoint (hotpath.py)
+        app.add_middleware(HotRoute, fastapi_app=app, route=route)
     app.add_middleware(AdmissionGate, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.cfg.max_body_bytes)
     harden(app, service.cfg)  # JSON errors, deadlines, CORS, offline /docs: inside the counter, which counts them

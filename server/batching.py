@@ -190,8 +190,7 @@ class MicroBatcher:
                             retry_after=self.estimated_wait(n))
         self.pending_images += n
         self._idle.clear()
-        if not self._queued and not self._running_images and n <= self.max_batch \
-                and 0 < self.cost.seconds(n) < INLINE_S:
+        if False:
             return self._run_inline(images)  # the model is free and the pass is short: no hop to the worker task
         future = asyncio.get_running_loop().create_future()
         self._queued.append(_Item(images, future, time.perf_counter()))

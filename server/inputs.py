@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import HTTPException, Request
 from PIL import Image
 
-from g2gserve.data.images import ImageError, decode_array
+from g2gserve.data.images import ImageError, decode_array, png_size
 
 from .parsing import JSONRejected, parse_json
 
@@ -73,6 +73,9 @@ def cheap_to_decode(body: Body) -> bool:
         return True
     if body.payloads is None or len(body.payloads) != 1 or len(body.payloads[0]) > 64 * 1024:
         return False
+    size = png_size(body.payloads[0])  # a PNG's size without Pillow (most requests)
+    if size is not None:
+        return size[0] * size[1] <= INLINE_PIXELS
     try:
         with Image.open(io.BytesIO(body.payloads[0])) as im:
             return im.size[0] * im.size[1] <= INLINE_PIXELS

@@ -8,23 +8,27 @@ import math
 import time
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 
 from ..batching import Overloaded
-from ..deps import loaded_service
-from ..admission import TICKET
+from ..deps import service_if_ready
+from ..admission import PATH, TICKET
 from ..errors import error_responses
 from ..inputs import SHAPE_HEADER, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
 from ..parsing import classify_request_body
+from ..hotpath import IntQuery, StrQuery, openapi_parameters
 from ..service import Service, top_k
 
 router = APIRouter(tags=["classify"])
 
-REQUEST_BODY = {"requestBody": classify_request_body({
+TOP_K = IntQuery("top_k", 3, 1, 1000, "labels per image")
+SHAPE = StrQuery("shape", "raw pixels: N,C,H,W or N,H,W (or the X-Shape header)")
+OPENAPI = {"requestBody": classify_request_body({
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                  "description": f"raw uint8 pixels N×C×H×W (or N×H×W) with the shape in the "
-                                                f"'{SHAPE_HEADER}' header or the 'shape' query parameter"}})}
+                                                f"'{SHAPE_HEADER}' header or the 'shape' query parameter"}}),
+           **openapi_parameters(TOP_K, SHAPE)}
 
 
 def timed_decode(*args) -> tuple[np.ndarray, float]:
@@ -38,15 +42,15 @@ def _busy(e: Overloaded) -> HTTPException:
     return HTTPException(503, f"server busy: {e}", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY,
+@router.post(PATH, response_model=ClassifyResponse, openapi_extra=OPENAPI,
              responses=error_responses(400, 408, 413, 415, 422, 431, 500, 503))
-async def classify(request: Request, service: Service = Depends(loaded_service),
-                   top_k_: int = Query(3, alias="top_k", ge=1, le=1000, description="labels per image"),
-                   shape: str | None = Query(None, description="raw pixels: N,C,H,W or N,H,W (or the X-Shape header)")):
+async def classify(request: Request):
     """Classify one or more images (PNG, JPEG, WebP, BMP, TIFF; any size and mode): raw bytes, multipart ``file``
     fields, JSON base64, or raw uint8 pixels with a shape. Images are converted to the model's channels and size
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()
+    service = service_if_ready(request)  # parameters by hand (server/hotpath.py)
+    top_k_ = TOP_K.parse(request.query_params)
     cfg, model, batcher = service.cfg, service.model, service.batcher
     ticket = request.scope.get(TICKET)  # admitted by the AdmissionGate, before the body was read
     if ticket is None:  # the app is mounted without its gate (e.g. inside another app): admit here
