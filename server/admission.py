@@ -21,7 +21,7 @@ from urllib.parse import unquote
 import orjson
 
 from .batching import Overloaded
-from .inputs import announced_images_from_headers
+from .inputs import ADMISSION_HEADERS, announced_images_from_headers
 
 TICKET = "g2g.ticket"  # scope key of the admitted request's Ticket
 PATH = "/classify"
@@ -39,7 +39,7 @@ def retry_after(e: Overloaded) -> bytes:
 
 
 def _announced(service, headers: list[tuple[bytes, bytes]], query: bytes) -> int:
-    text = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
+    text = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers if k.lower() in ADMISSION_HEADERS}
     return announced_images_from_headers(text, query.decode("latin-1"), service.bytes_per_image)
 
 

@@ -23,6 +23,8 @@ from g2gserve.data.images import ImageError, decode_array, png_size
 from .parsing import JSONRejected, parse_json
 
 SHAPE_HEADER = "x-shape"
+_SHAPE_RAW = SHAPE_HEADER.encode()
+ADMISSION_HEADERS = (b"content-type", b"content-length", _SHAPE_RAW)  # all that announced_images_from_headers reads
 
 
 @dataclass
@@ -98,10 +100,23 @@ def parse_shape(text: str, input_shape: tuple[int, int, int]) -> tuple[int, ...]
     return dims
 
 
+def _shape_and_type(request: Request) -> tuple[str | None, str]:
+    """The raw-pixel shape (header, else query) and the bare content type, in one pass over the raw headers
+    (Starlette's ``Headers`` and ``QueryParams`` objects cost more than the rest of a small request's parsing)."""
+    shape_text, ctype = None, ""
+    for name, value in request.scope["headers"]:
+        if name == b"content-type":
+            ctype = value.decode("latin-1").split(";")[0].strip().lower()
+        elif name == _SHAPE_RAW:
+            shape_text = value.decode("latin-1")
+    if shape_text is None and b"shape=" in request.scope.get("query_string", b""):
+        shape_text = request.query_params.get("shape")
+    return shape_text, ctype
+
+
 async def read_body(request: Request, input_shape: tuple[int, int, int], max_images: int) -> Body:
     """Read the request and split it into payloads without decoding anything (cheap; runs on the event loop)."""
-    shape_text = request.headers.get(SHAPE_HEADER) or request.query_params.get("shape")
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    shape_text, ctype = _shape_and_type(request)
     if shape_text is not None:
         shape = parse_shape(shape_text, input_shape)
         if shape[0] > max_images:
@@ -155,6 +170,8 @@ def decode_body(body: Body, input_shape: tuple[int, int, int], max_pixels: int, 
         return body.pixels
     payloads = body.payloads if body.payloads is not None else _json_payloads(body.json_text or b"", max_images)
     try:
+        if len(payloads) == 1:
+            return decode_array(payloads[0], input_shape, max_pixels)[None]
         return np.stack([decode_array(p, input_shape, max_pixels) for p in payloads])
     except ImageError as e:
         raise HTTPException(e.status, str(e))

@@ -64,6 +64,16 @@ class RequestCounter:
 
     def __init__(self, app, metrics: Metrics, known_paths: set[str]):
         self.app, self.metrics, self.known_paths = app, metrics, known_paths
+        self._children: dict[tuple[str, int], tuple] = {}  # (path, status) -> its counters (``labels`` locks, copies)
+
+    def _count(self, path: str, status: int) -> None:
+        children = self._children.get((path, status))
+        if children is None:
+            m, label = self.metrics, str(status)
+            children = self._children[(path, status)] = (
+                (m.requests.labels(path, label),) + ((m.errors.labels(path, label),) if status >= 400 else ()))
+        for child in children:
+            child.inc()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,6 +85,4 @@ class RequestCounter:
             status = tracked.status
             route = getattr(scope.get("route"), "path", None)  # the matched template: /v2/models/{name}/infer
             path = route or (scope["path"] if scope["path"] in self.known_paths else "other")
-            self.metrics.requests.labels(path, str(status)).inc()
-            if status >= 400:
-                self.metrics.errors.labels(path, str(status)).inc()
+            self._count(path, status)

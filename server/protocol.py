@@ -89,8 +89,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.max_header_bytes = int(settings["max_header_bytes"])
         self._limit, self.limit_concurrency = self.limit_concurrency, None  # checked below, answered as JSON
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_start: float | None = None  # loop time the current request's headers began
         self._header_bytes = 0
         self._in_headers = False
+        self._message_open = False  # between a request's first byte and the end of its body
         self._refused = False
         self._early = _early_admission(self.app) if settings["early_refusal"] else None
         self._discarding = False  # reading the body of a request refused here
@@ -99,16 +101,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------ header deadline
     def _arm(self) -> None:
+        """The headers of a request start now (the timer itself only once they span more than one read)."""
         self._disarm()
         self._header_bytes = 0
         self._in_headers = True
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        self._header_start = self.loop.time()
 
     def _disarm(self) -> None:
         self._in_headers = False
+        self._header_start = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _arm_timer(self) -> None:
+        """After a read: headers begun and not complete get their deadline (a timer per request cost as much as
+        the rest of this class, and almost every request's headers come in one read)."""
+        if self._in_headers and self._header_start is not None and self._header_timer is None \
+                and not self.transport.is_closing():
+            self._header_timer = self.loop.call_at(self._header_start + self.header_timeout_s, self._headers_too_slow)
 
     def _refuse(self, status: int, detail: str) -> None:
         self._disarm()
@@ -134,6 +145,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
+        self._arm_timer()  # nothing read yet: a silent connection is timed too
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -142,31 +154,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        if not self.transport.is_closing() and not self.pipeline and not self._message_open:
             self._in_headers = True  # counts bytes of the next request; the keep-alive timer bounds idling
 
     def on_message_begin(self) -> None:
+        self._message_open = True
         super().on_message_begin()
-        if self._header_timer is None:  # a pipelined request: its headers are timed from here
+        if self._header_start is None:  # a pipelined request: its headers are timed from here
             self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         if self._in_headers:
-            if self._header_timer is None:  # first bytes after a response: the next request's headers are timed
+            if self._header_start is None:  # first bytes after a response: the next request's headers are timed
                 self._arm()
             self._header_bytes += len(data)
         super().data_received(data)
         if self._in_headers and self._header_bytes > self.max_header_bytes:  # still no end of headers
             self._refuse(431, f"request headers over the limit of {self.max_header_bytes:,} bytes")
+        self._arm_timer()
         if self._drained or self._discarding:
             self._drained = False
             idle = self.cycle is None or self.cycle.response_complete
             if self._discarding:  # the refused request's body is still coming: bounded (armed only now, seldom)
                 if self._drain_timer is None and not self.transport.is_closing():
                     self._drain_timer = self.loop.call_later(self.header_timeout_s, self._drain_too_slow)
-            elif idle and self._header_timer is None and not self.transport.is_closing():
+            elif idle and self._header_start is None and not self.transport.is_closing():
                 # nothing more arrived after the refused request: idle keep-alive, as after any response
                 self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
@@ -195,6 +209,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._message_open = False
         if self._discarding:  # the refused request's body is read: the connection takes the next request
             self._stop_draining()
             self._drained = True
@@ -202,6 +217,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes = 0  # (not the refused body's: that is no header, however large)
         elif not self._refused:
             super().on_message_complete()
+            if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+                # answered before its body was read (a refusal): the next request's headers start after it, not
+                # at the answer (the rest of that body is no header, however large)
+                self._in_headers, self._header_bytes = True, 0
 
     # ------------------------------------------------------------ admission refusals, without the app
     def _refuse_early(self) -> bool:

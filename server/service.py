@@ -19,7 +19,7 @@ from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.fileio import atomic_write_text
 from g2gserve.runtime import InferenceModel, load
 
-from .batching import BatchResult, MicroBatcher, Overloaded, Ticket
+from .batching import INLINE_S, BatchResult, MicroBatcher, Overloaded, Ticket
 from .oip.repository import ModelRepository, Served
 from .metrics import Metrics
 from .settings import ServeConfig
@@ -100,6 +100,7 @@ class Service:
         self._calibration: dict = {"status": "pending"}
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
+        self._cards: dict[int, tuple[Served, dict]] = {}
 
     # -------------------------------------------------------------- the served models
     @property
@@ -155,7 +156,8 @@ class Service:
                 if round_:
                     fastest[n] = min(fastest.get(n, math.inf), time.perf_counter() - t)
         batcher = MicroBatcher(predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
-                               self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3, decode_workers=self.decode_threads)
+                               self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3, decode_workers=self.decode_threads,
+                               inline_s=INLINE_S if usable_cores() > 1 else math.inf)
         for n, seconds in fastest.items():
             batcher.cost.observe(n, seconds)
         self.metrics.model_info.labels(*self._info_labels(model)).set(1)
@@ -167,6 +169,7 @@ class Service:
 
     def retired(self, served: Served) -> None:
         """A drained version leaves the g2g_model_info metric (unless a served version has the same labels)."""
+        self._cards.pop(id(served), None)
         labels = self._info_labels(served.model)
         if all(self._info_labels(s.model) != labels for s in self.repository.served.values()):
             try:
@@ -178,10 +181,17 @@ class Service:
     def model_card(self) -> dict:
         """The default model: its name as served (the repository's; one export directory: its manifest's), the
         digest of its weights as version, and how it runs."""
-        served = self.served
-        m = served.model
-        return {"name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
-                "device": str(m.device), "variant": self.cfg.variant}
+        return self.card(self.served)
+
+    def card(self, served: Served) -> dict:
+        """``model_card`` of a given served version (built once per version: it is in every answer)."""
+        cached = self._cards.get(id(served))
+        if cached is None or cached[0] is not served:
+            m = served.model
+            cached = self._cards[id(served)] = (served, {
+                "name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
+                "device": str(m.device), "variant": self.cfg.variant})
+        return cached[1]
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)

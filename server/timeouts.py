@@ -24,6 +24,12 @@ async def _within(awaitable, seconds: float):
     return await asyncio.wait_for(awaitable, seconds)
 
 
+def _buffered(receive) -> bool:
+    """True when ``receive`` is uvicorn's and the whole body is already in (the usual small request): it returns
+    at once, and a timeout around it (a timer per call) would cost more than the rest of this middleware."""
+    return getattr(getattr(receive, "__self__", None), "more_body", True) is False
+
+
 class DeadlineMiddleware:
     """Pure ASGI: the whole body within ``body_timeout_s``; the whole answer within ``request_timeout_s``."""
 
@@ -40,8 +46,8 @@ class DeadlineMiddleware:
 
         async def timed_receive():
             nonlocal body_done
-            if body_done:  # after the body only http.disconnect can come: wait as long as the app likes
-                return await receive()
+            if body_done or _buffered(receive):  # after the body only http.disconnect can come: wait as long as
+                return await receive()             # the app likes; a body already received cannot be slow
             try:
                 message = await _within(receive(), max(0.0, body_deadline - loop.time()))
             except asyncio.TimeoutError:

@@ -219,3 +219,22 @@ def test_item7_a_huge_header_in_pieces_gets_431(guarded):
     assert status == 431 and "16,384" in body["detail"]
     assert Connection(port).request("GET", "/healthz")[0] == 200  # the server is fine
     assert 'g2g_protocol_refusals_total{status="431"}' in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+
+
+def test_a_request_answered_before_its_body_leaves_the_connection_usable(guarded):
+    """The rest of a large body that follows an early answer is no header: the next request is served (was 431)."""
+    import socket
+    _, port = guarded
+    body = b"\0" * 40_000  # more than the 16 KiB header limit
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(5)
+        s.sendall(b"POST /classify?top_k=0 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 422"), first[:200]
+        s.sendall(body)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = b""
+        while b"\r\n\r\n" not in second:
+            second += s.recv(65536)
+    assert second.startswith(b"HTTP/1.1 200"), second[:200]

@@ -83,3 +83,51 @@ def test_a_mode_without_a_conversion_is_refused_with_415():
     lab = _save(Image.new("LAB", (8, 8)), "TIFF")
     with pytest.raises(UnsupportedImage):
         decode_image(lab, SHAPE)
+
+
+def _pillow_only(data: bytes, shape) -> np.ndarray | type:
+    """What ``decode_array`` gives without libspng (an array, or the ImageError class it raises)."""
+    from g2gserve.data import images
+    saved, images.pyspng = images.pyspng, None
+    try:
+        return images.decode_array(data, shape)
+    except images.ImageError as e:
+        return type(e)
+    finally:
+        images.pyspng = saved
+
+
+def test_libspng_decodes_plain_pngs_as_pillow_does_and_leaves_the_rest_to_it(monkeypatch):
+    """The fast path (8-bit PNG in the model's mode and size) gives Pillow's pixels; everything else goes the Pillow
+    way, including what libspng refuses."""
+    from g2gserve.data import images
+    if images.pyspng is None:
+        pytest.skip("pyspng is not installed")
+    calls = []
+    load = images.pyspng.load
+    monkeypatch.setattr(images.pyspng, "load", lambda data: (calls.append(1), load(data))[1])
+    rng = np.random.default_rng(3)
+    g, rgb = _garment(), rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    noise = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    plain = {"grey": (_save(Image.fromarray(g)), SHAPE), "noise": (_save(Image.fromarray(noise)), SHAPE),
+             "grey, best compression": (_save(Image.fromarray(g), compress_level=9), SHAPE),
+             "RGB for an RGB model": (_save(Image.fromarray(rgb)), (3, 28, 28))}
+    others = {"grey, transparent colour": (_save(Image.fromarray(g), transparency=0), SHAPE),
+              "RGB for a grey model": (_save(Image.fromarray(rgb)), SHAPE),
+              "grey, other size": (_save(Image.fromarray(noise[:20, :24])), SHAPE),
+              "16-bit": (_save(Image.fromarray(g.astype(np.uint16) * 257)), SHAPE)}
+    for name, (data, shape) in {**plain, **others}.items():
+        calls.clear()
+        got = images.decode_array(data, shape)
+        assert np.array_equal(got, _pillow_only(data, shape)), name
+        assert bool(calls) == (name in plain), name
+    good = _save(Image.fromarray(noise))
+    corrupt = {"bad CRC": good[:40] + bytes([good[40] ^ 0xFF]) + good[41:], "truncated": good[:-30],
+               "IHDR only": good[:33]}
+    for name, data in corrupt.items():
+        try:
+            got = images.decode_array(data, SHAPE)
+        except images.ImageError as e:
+            got = type(e)
+        expected = _pillow_only(data, SHAPE)
+        assert (got is expected) if isinstance(expected, type) else np.array_equal(got, expected), name

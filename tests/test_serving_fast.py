@@ -391,3 +391,43 @@ def test_live_window_keeps_the_last_requests_in_order_without_growing():
         window.append(i, 1, 0.1, 0, 0, 0)
     rows = window.rows()
     assert rows[:, 0].tolist() == [6, 7, 8, 9]  # the last four, oldest first
+
+
+def test_requests_that_arrive_together_share_one_forward_pass():
+    """Even with the model idle, a request goes through the worker: those that arrived with it join its pass."""
+    calls = []
+
+    async def main():
+        b = MicroBatcher(lambda x: (calls.append(len(x)), _echo(x))[1], max_batch=8, max_wait_s=0.0,
+                         max_queue_images=64)
+        b.start()
+        results = await asyncio.gather(*(b.submit(np.full((1, 1, 2, 2), i, np.uint8)) for i in range(6)))
+        await b.drain()
+        return results
+    results = asyncio.run(main())
+    assert calls == [6] and [r.probs[0, 0] for r in results] == list(range(6))
+
+
+def test_classify_takes_the_hot_route_and_answers_as_the_router_would(export_dir):
+    from server.hotpath import HotRoute
+    app = _app(export_dir, calibrate=False)
+    assert any(m.cls is HotRoute for m in app.user_middleware)
+    with TestClient(app) as c:
+        ok = c.post("/classify?top_k=2", content=_png())
+        assert ok.status_code == 200 and len(ok.json()["predictions"][0]["top_k"]) == 2
+        for query, kind in (("top_k=0", "out_of_range"), ("top_k=two", "int_parsing")):  # FastAPI's 422 shape
+            bad = c.post(f"/classify?{query}", content=_png())
+            assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "top_k"], bad.text
+            assert bad.json()["errors"][0]["type"] == kind
+        assert c.post("/classify", content=b"junk").status_code == 415  # an HTTPException, by the app's handler
+        assert c.get("/classify").status_code == 405  # other methods: the router
+        metrics = c.get("/metrics").text
+        assert 'g2g_requests_total{path="/classify",status="200"} 1.0' in metrics
+        assert 'g2g_requests_total{path="/classify",status="422"} 2.0' in metrics
+        spec = c.get("/openapi.json").json()["paths"]["/classify"]["post"]
+        assert {p["name"] for p in spec["parameters"]} == {"top_k", "shape"}
+    guarded = _app(export_dir, calibrate=False, api_key="k")  # a dependency: the usual way, which checks it
+    assert not any(m.cls is HotRoute for m in guarded.user_middleware)
+    with TestClient(guarded) as c:
+        assert c.post("/classify", content=_png()).status_code == 401
+        assert c.post("/classify", content=_png(), headers={"X-API-Key": "k"}).status_code == 200

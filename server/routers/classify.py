@@ -51,7 +51,8 @@ async def classify(request: Request):
     start = time.perf_counter()
     service = service_if_ready(request)  # parameters by hand (server/hotpath.py)
     top_k_ = TOP_K.parse(request.query_params)
-    cfg, model, batcher = service.cfg, service.model, service.batcher
+    served = service.served
+    cfg, model, batcher = service.cfg, served.model, served.batcher
     ticket = request.scope.get(TICKET)  # admitted by the AdmissionGate, before the body was read
     if ticket is None:  # the app is mounted without its gate (e.g. inside another app): admit here
         try:
@@ -74,5 +75,5 @@ async def classify(request: Request):
         return images
 
     result, timing = await service.serve_admitted(batcher, ticket, start, images_of, _busy)
-    return FastJSONResponse({"model": service.model_card, "predictions": top_k(result.probs, model.classes, top_k_),
+    return FastJSONResponse({"model": service.card(served), "predictions": top_k(result.probs, model.classes, top_k_),
                              **timing})
