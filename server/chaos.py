@@ -89,6 +89,8 @@ def hostile_cases(admin: bool) -> list[Case]:
     many_files = "".join(f'--{multipart_boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"'
                          f"\r\nContent-Type: image/png\r\n\r\nx\r\n" for i in range(1000))
     many_files += f"--{multipart_boundary}--\r\n"
+    many_fields = "".join(f'--{multipart_boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n'
+                          for i in range(2_000)) + f"--{multipart_boundary}--\r\n"
     cases = [
         Case("JSON nested 100,000 deep", 422, body=deep, headers=JSON),
         Case("integer with 100,000 digits", 422, body=b'{"images": [' + b"9" * 100_000 + b"]}", headers=JSON),
@@ -100,7 +102,11 @@ def hostile_cases(admin: bool) -> list[Case]:
         Case("GIF (unsupported format)", 415, body=_gif()),
         Case("PNG claiming 40000x40000 pixels", 413, body=_bomb_png()),
         Case("empty body", 422),
-        Case("1,000 multipart file fields", 400, body=many_files.encode(),
+        Case("1,000 multipart file fields", 413, body=many_files.encode(),  # images over the limit, as for JSON
+             headers={"Content-Type": f"multipart/form-data; boundary={multipart_boundary}"}),
+        Case("2,000 multipart fields", 400, body=many_fields.encode(),
+             headers={"Content-Type": f"multipart/form-data; boundary={multipart_boundary}"}),
+        Case("multipart without its closing boundary", 400, body=many_files.encode()[:-20],
              headers={"Content-Type": f"multipart/form-data; boundary={multipart_boundary}"}),
         Case("body over the limit (Content-Length)", 413, body=b"x" * int(MAX_BODY_MB * 2**20 + 1)),
         Case("top_k=0", 422, path="/classify?top_k=0", body=_png(1)),

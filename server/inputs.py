@@ -20,6 +20,7 @@ from PIL import Image
 
 from g2gserve.data.images import ImageError, decode_array, png_size
 
+from .multipart import MultipartError, file_fields
 from .parsing import JSONRejected, parse_json
 
 SHAPE_HEADER = "x-shape"
@@ -127,11 +128,12 @@ async def read_body(request: Request, input_shape: tuple[int, int, int], max_ima
                                      f"bytes; the body has {len(data):,}")
         return Body(pixels=np.frombuffer(data, dtype=np.uint8).reshape(shape).copy())  # writable, as runtimes expect
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1)
-        files = [f for f in form.getlist("file") if hasattr(f, "read")]
-        if not files:
+        try:
+            payloads = file_fields(await request.body(), request.headers.get("content-type", ""))
+        except MultipartError as e:
+            raise HTTPException(e.status, str(e))
+        if not payloads:
             raise HTTPException(422, "multipart upload needs one or more 'file' fields")
-        payloads = [await f.read() for f in files]
     elif ctype == "application/json":
         return Body(json_text=await request.body())
     else:
