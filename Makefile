@@ -63,10 +63,11 @@ test-slim: install $(SLIM_VENV)/.installed
 	$(PY) tests/tiny_export.py runs/slim
 	G2G_SLIM_EXPORT=runs/slim/export PYTHONPATH=$(CURDIR) $(SLIM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_slim.py
 
-# The served path end to end (docs/serving.md): the no-op ceiling, the sparse and the dense server in turn, pinned
-# to core 0, driven by wrk on core 1. Needs wrk (sudo apt-get install -y wrk) and an export (make demo).
+# The served path end to end (docs/serving.md): the no-op ceiling, the sparse and the dense server pinned to core 0,
+# driven in turn by wrk on core 1, every cell three times (interleaved; medians and ranges); about 10 minutes.
+# Needs wrk (sudo apt-get install -y wrk) and an export (make demo).
 MODEL ?= $(DEMO)/export
-SERVE_SECONDS ?= 10
+SERVE_SECONDS ?= 5
 serve-bench: install
 	@command -v wrk > /dev/null || { echo "serve-bench needs wrk: sudo apt-get install -y wrk"; exit 2; }
 	$(PY) -m server.servebench $(MODEL) --seconds $(SERVE_SECONDS) --out docs

@@ -1,8 +1,11 @@
 """python -m server.servebench MODEL: the served path end to end, against the HTTP stack's own ceiling.
 
-Starts, in turn, the no-op ceiling app (``server.noop``), ``g2g-serve MODEL`` (sparse) and ``g2g-serve MODEL
---variant dense``, each pinned to core 0 (``taskset``), and drives each with ``wrk`` pinned to core 1 at 1, 32
-and 256 connections with single-image and 64-image PNG requests. Then, against the sparse server, two scenarios
+Starts the no-op ceiling app (``server.noop``), ``g2g-serve MODEL`` (sparse), ``g2g-serve MODEL --variant dense``
+and the sparse server on the pure-Python HTTP stack, all pinned to core 0 (``taskset``; an idle server costs
+nothing), and drives them with ``wrk`` pinned to core 1 at 1, 32 and 256 connections with single-image and
+64-image requests, interleaved: each cell is measured ``--rounds`` times, the servers in turn within a round, so
+a ratio (sparse vs ceiling, sparse vs dense) is taken within a round and reported as the median over rounds
+with its range. Then, against the sparse server, two scenarios
 that need per-status latencies (a small asyncio HTTP/1.1 client in this process, on core 1): overload with
 16-image requests over 256 connections (a retry storm, then 4x the capacity it measured, paced; see
 ``overload``), also against a sparse server whose refusals go through the app (``--no-protocol-refusal``), and
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -294,8 +298,19 @@ def healthz_under_large(port: int, body: tuple[bytes, str], seconds: float) -> d
 
 
 # ---------------------------------------------------------------------- the run
+SERVERS = ("ceiling", "sparse", "dense", "sparse-h11")  # driven by wrk, in this order within a round
+RATE_KEYS = ("rps", "ok_rps", "images_per_s", "p50_ms", "p99_ms")
+
+
+def _median_cell(runs: list[dict]) -> dict:
+    """One cell from its rounds: the median of each figure, the range of req/s, the non-2xx summed."""
+    out = {k: float(np.median([r[k] for r in runs])) for k in RATE_KEYS}
+    return out | {"rps_range": [min(r["rps"] for r in runs), max(r["rps"] for r in runs)],
+                  "non_2xx": sum(r["non_2xx"] for r in runs), "rounds": len(runs), "runs": runs}
+
+
 def measure(model: Path, backend: str, seconds: float, connections: tuple[int, ...], workdir: Path,
-            log=print) -> dict:
+            rounds: int = 3, log=print) -> dict:
     lua = workdir / "post.lua"
     lua.write_text(WRK_LUA)
     payloads = bodies()
@@ -303,62 +318,90 @@ def measure(model: Path, backend: str, seconds: float, connections: tuple[int, .
         (workdir / name).write_bytes(data)
     serve = ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
              "--no-calibrate", "--log-level", "warning"]
-    servers = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"],
-               "sparse-h11": serve + ["--loop", "asyncio", "--http", "h11"],  # what uvloop + httptools buy
-               "sparse-app-refusal": serve + ["--no-protocol-refusal"]}  # overload only: what protocol refusals buy
-    cells, extra = [], {}
-    for name, args in servers.items():
-        with Server(args, workdir / f"{name}.log") as srv:
-            if name == "sparse-app-refusal":
-                extra["overload_app_refusal"] = overload(srv.port, payloads["png16"], seconds)
-                log(f"overload, refusals through the app: {json.dumps(extra['overload_app_refusal'])}")
-                continue
-            for kind, images in KINDS.items():
-                if name == "sparse-h11" and kind != "png1":
-                    continue
-                path, ctype, shape = workdir / kind, payloads[kind][1], SHAPES.get(kind, "")
-                run_wrk(srv.url, path, ctype, 1, min(1.0, seconds), lua, shape)  # warm-up
-                for c in connections:
-                    r = run_wrk(srv.url, path, ctype, c, seconds, lua, shape)
-                    r |= {"server": name, "kind": kind, "images": images, "connections": c,
-                          "images_per_s": r["ok_rps"] * images}
-                    cells.append(r)
-                    log(f"{name:<8} {kind:<6} c={c:<4} {r['rps']:9.0f} req/s  {r['images_per_s']:9.0f} img/s  "
-                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']}")
-            if name == "sparse":
-                extra["overload"] = overload(srv.port, payloads["png16"], seconds)
-                log(f"overload: {json.dumps(extra['overload'])}")
-                extra["healthz"] = healthz_under_large(srv.port, payloads["large64"], max(2.0, seconds))
-                log(f"healthz under large images: {json.dumps(extra['healthz'])}")
-    return {"cells": cells, **extra}
+    args = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"],
+            "sparse-h11": serve + ["--loop", "asyncio", "--http", "h11"],  # what uvloop + httptools buy
+            "sparse-app-refusal": serve + ["--no-protocol-refusal"]}  # overload only: what protocol refusals buy
+    extra: dict = {}
+    with contextlib.ExitStack() as stack:
+        srv = {name: stack.enter_context(Server(a, workdir / f"{name}.log")) for name, a in args.items()}
+        runs: dict[tuple[str, str, int], list[dict]] = {}
+        for kind, images in KINDS.items():
+            path, ctype, shape = workdir / kind, payloads[kind][1], SHAPES.get(kind, "")
+            servers = [s for s in SERVERS if s != "sparse-h11" or kind == "png1"]
+            for name in servers:
+                run_wrk(srv[name].url, path, ctype, 1, min(1.0, seconds), lua, shape)  # warm-up
+            for c in connections:
+                for round_ in range(rounds):
+                    for name in servers:
+                        r = run_wrk(srv[name].url, path, ctype, c, seconds, lua, shape)
+                        r |= {"round": round_, "images_per_s": r["ok_rps"] * images}
+                        runs.setdefault((name, kind, c), []).append(r)
+                        log(f"{name:<10} {kind:<6} c={c:<4} round {round_ + 1}/{rounds} {r['rps']:9.0f} req/s  "
+                            f"{r['images_per_s']:9.0f} img/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                            f"non-2xx {r['non_2xx']}")
+        cells = [{"server": name, "kind": kind, "images": KINDS[kind], "connections": c, **_median_cell(rs)}
+                 for (name, kind, c), rs in runs.items()]
+        extra["overload"] = overload(srv["sparse"].port, payloads["png16"], seconds)
+        log(f"overload: {json.dumps(extra['overload'])}")
+        extra["overload_app_refusal"] = overload(srv["sparse-app-refusal"].port, payloads["png16"], seconds)
+        log(f"overload, refusals through the app: {json.dumps(extra['overload_app_refusal'])}")
+        extra["healthz"] = healthz_under_large(srv["sparse"].port, payloads["large64"], max(2.0, seconds))
+        log(f"healthz under large images: {json.dumps(extra['healthz'])}")
+    return {"cells": cells, "rounds": rounds, **extra}
 
 
 def _cell(cells: list[dict], server: str, kind: str, c: int) -> dict | None:
     return next((r for r in cells if (r["server"], r["kind"], r["connections"]) == (server, kind, c)), None)
 
 
+def _paired(cells: list[dict], a: str, b: str, kind: str, c: int, key_a: str = "ok_rps",
+            key_b: str = "rps") -> list[float]:
+    """``a``'s figure over ``b``'s, round by round (the two were measured minutes apart at most)."""
+    ca, cb = _cell(cells, a, kind, c), _cell(cells, b, kind, c)
+    if not ca or not cb:
+        return []
+    return [ra[key_a] / rb[key_b] for ra, rb in zip(ca["runs"], cb["runs"]) if rb[key_b]]
+
+
+def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """The median and, over several rounds, the range."""
+    med = fmt.format(float(np.median(values)))
+    return med if len(values) < 2 else f"{med} (range {fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def _best_ratio(cells: list[dict], kind: str) -> list[float]:
+    """Per round: the sparse server's best images/s over the connection counts over the dense server's."""
+    rows = [r for r in cells if r["kind"] == kind and r["server"] in ("sparse", "dense")]
+    rounds = min((len(r["runs"]) for r in rows), default=0)
+    out = []
+    for i in range(rounds):
+        best = {v: max((r["runs"][i]["images_per_s"] for r in rows if r["server"] == v), default=0.0)
+                for v in ("sparse", "dense")}
+        if best["dense"]:
+            out.append(best["sparse"] / best["dense"])
+    return out
+
+
 def targets(result: dict) -> list[dict]:
-    """The targets of issue 12, each with what was measured and whether it is met."""
+    """The targets of issue 12, each with what was measured (median over rounds, range) and whether it is met."""
     cells, out = result["cells"], []
 
     def add(name, ok, measured):
         out.append({"target": name, "met": bool(ok), "measured": measured})
-    s32, c32 = _cell(cells, "sparse", "png1", 32), _cell(cells, "ceiling", "png1", 32)
-    if s32 and c32:
-        ratio = s32["ok_rps"] / c32["rps"]
-        add("32 connections, single PNG: >= 50% of the no-op ceiling", ratio >= 0.5, f"{ratio:.0%}")
+    ratios = _paired(cells, "sparse", "ceiling", "png1", 32)
+    if ratios:
+        add("32 connections, single PNG: >= 50% of the no-op ceiling", np.median(ratios) >= 0.5,
+            _spread(ratios, "{:.0%}"))
     s1, c1 = _cell(cells, "sparse", "png1", 1), _cell(cells, "ceiling", "png1", 1)
     if s1 and c1:
-        extra = s1["p50_ms"] - c1["p50_ms"]
-        add("1 connection: p50 <= ceiling p50 + 0.5 ms", extra <= 0.5,
-            f"{s1['p50_ms']:.2f} ms vs {c1['p50_ms']:.2f} ms (+{extra:.2f} ms)")
+        extra = [rs["p50_ms"] - rc["p50_ms"] for rs, rc in zip(s1["runs"], c1["runs"])]
+        add("1 connection: p50 <= ceiling p50 + 0.5 ms", np.median(extra) <= 0.5,
+            f"{s1['p50_ms']:.2f} ms vs {c1['p50_ms']:.2f} ms (+{_spread(extra)} ms)")
     for kind in ("png64", "raw64"):
-        best = {v: max((r["images_per_s"] for r in cells if r["server"] == v and r["kind"] == kind), default=0)
-                for v in ("sparse", "dense")}
-        if best["dense"]:
-            ratio = best["sparse"] / best["dense"]
+        ratios = _best_ratio(cells, kind)
+        if ratios:
             add(f"64-image requests ({kind}): sparse >= 1.5x dense images/s (best over connection counts)",
-                ratio >= 1.5, f"{best['sparse']:,.0f} vs {best['dense']:,.0f} img/s ({ratio:.2f}x)")
+                np.median(ratios) >= 1.5, _spread(ratios, "{:.2f}x"))
     o = result.get("overload")
     if o:
         p, factor = o["paced"], f"{o['factor']:g}x overload"
@@ -389,7 +432,7 @@ def markdown(result: dict) -> str:
              f"(wrk {result['wrk']}; the asyncio client for overload and /healthz) on core 1"
              + ("" if result["pinned"] else " — **not pinned** (taskset missing or a single core)") + ". "
              f"Model `{result['model']}`, backend `{result['backend']}`, 1 intra-op thread, 1 decode thread, "
-             f"{result['seconds']:g} s per cell. Ceiling: the same FastAPI + uvicorn stack whose /classify only "
+             f"{result['seconds']:g} s per wrk run, {result['rounds']} rounds. Ceiling: the same FastAPI + uvicorn stack whose /classify only "
              "reads the body (`python -m server.noop`). `sparse-h11`: the sparse server on the pure-Python stack "
              "(`--loop asyncio --http h11`), to show what uvloop + httptools buy.", "",
              "## Targets (issue 12)", "", "| target | measured | met |", "|---|---|---|"]
@@ -397,23 +440,27 @@ def markdown(result: dict) -> str:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "## wrk: req/s, images/s, latency", "",
               "`png1`: one 28x28 PNG as `image/png`; `png64`: 64 of them as multipart; `raw64`: 64 images as raw "
-              "uint8 pixels (`X-Shape: 64,28,28`, no codec). images/s counts answered (2xx) requests only; non-2xx "
-              "are 503 refusals (queue deadline / queue full).", "",
-              "| server | request | connections | req/s | images/s | p50 (ms) | p99 (ms) | non-2xx | vs ceiling req/s |",
+              "uint8 pixels (`X-Shape: 64,28,28`, no codec). Each figure is the median of "
+              f"{result['rounds']} rounds (the servers in turn within a round), with the range of req/s; *vs "
+              "ceiling* is the ratio within each round, median and range. images/s counts answered (2xx) requests "
+              "only; non-2xx (all rounds) are 503 refusals (queue deadline / queue full).", "",
+              "| server | request | connections | req/s (range) | images/s | p50 (ms) | p99 (ms) | non-2xx | vs ceiling |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in result["cells"]:
-        ceil = _cell(result["cells"], "ceiling", r["kind"], r["connections"])
-        ratio = f"{r['ok_rps'] / ceil['rps']:.0%}" if ceil and r["server"] != "ceiling" else ""
-        lines.append(f"| {r['server']} | {r['kind']} | {r['connections']} | {r['rps']:,.0f} | {r['images_per_s']:,.0f} | "
-                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} | {ratio} |")
-    lines += ["", "Sparse vs dense, end to end (answered images/s):", "", "| request | connections | sparse | dense | sparse/dense |",
-              "|---|---|---|---|---|"]
+        ratio = _paired(result["cells"], r["server"], "ceiling", r["kind"], r["connections"])
+        lo, hi = r["rps_range"]
+        lines.append(f"| {r['server']} | {r['kind']} | {r['connections']} | {r['rps']:,.0f} ({lo:,.0f}–{hi:,.0f}) | "
+                     f"{r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} | "
+                     f"{_spread(ratio, '{:.0%}') if ratio and r['server'] != 'ceiling' else ''} |")
+    lines += ["", "Sparse vs dense, end to end (answered images/s, medians; the ratio within each round):", "",
+              "| request | connections | sparse | dense | sparse/dense |", "|---|---|---|---|---|"]
     for kind in KINDS:
         for c in result["connections"]:
             s, d = _cell(result["cells"], "sparse", kind, c), _cell(result["cells"], "dense", kind, c)
-            if s and d and d["images_per_s"]:
+            ratio = _paired(result["cells"], "sparse", "dense", kind, c, "images_per_s", "images_per_s")
+            if s and d and ratio:
                 lines.append(f"| {kind} | {c} | {s['images_per_s']:,.0f} | {d['images_per_s']:,.0f} | "
-                             f"{s['images_per_s'] / d['images_per_s']:.2f}x |")
+                             f"{_spread(ratio, '{:.2f}x')} |")
     o, h = result.get("overload"), result.get("healthz")
     if o:
         lines += overload_lines(o, result.get("overload_app_refusal"))
@@ -486,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, help="export directory (g2g-export)")
     p.add_argument("--backend", default="fused", help="backend of the sparse and dense servers")
-    p.add_argument("--seconds", type=float, default=10.0, help="seconds per cell (wrk needs whole seconds)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run (wrk needs whole seconds)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of every cell, the servers interleaved")
     p.add_argument("--connections", default=",".join(map(str, CONNECTIONS)), help="comma-separated")
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes serving.json, serving.md, serving.png here")
     args = p.parse_args(argv)
@@ -502,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0].split(" [")[0]
     with tempfile.TemporaryDirectory(prefix="servebench-") as tmp:
         try:
-            result = measure(args.model, args.backend, args.seconds, connections, Path(tmp))
+            result = measure(args.model, args.backend, args.seconds, connections, Path(tmp), rounds=args.rounds)
         except RuntimeError as e:
             print(f"servebench: error: {e}", file=sys.stderr)
             return 1

@@ -256,16 +256,17 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
     from server import servebench
     monkeypatch.setattr(servebench.shutil, "which", lambda name: None)
     assert servebench.main([str(tmp_path)]) == 2 and "apt-get install -y wrk" in capsys.readouterr().err
-    cell = dict(rps=1000.0, ok_rps=1000.0, p50_ms=1.0, p99_ms=5.0, non_2xx=0, images_per_s=1000.0)
-    cells = [dict(cell, server=s, kind=k, connections=c, images=n,
-                  rps=cell["rps"] * (2 if s == "ceiling" else 1), ok_rps=cell["rps"] * (2 if s == "ceiling" else 1),
-                  images_per_s=n * 1000.0 * (1 if s != "dense" else 0.5))
+    def runs(s, n):  # two rounds; the machine 10% faster in the second, so only paired ratios stay exact
+        rps = 1000.0 * (2 if s == "ceiling" else 1)
+        return [dict(rps=rps * f, ok_rps=rps * f, p50_ms=1.0 / f, p99_ms=5.0, non_2xx=0,
+                     images_per_s=n * 1000.0 * f * (1 if s != "dense" else 0.5)) for f in (1.0, 1.1)]
+    cells = [dict(server=s, kind=k, connections=c, images=n, **servebench._median_cell(runs(s, n)))
              for s in ("ceiling", "sparse", "dense") for k, n in servebench.KINDS.items() for c in (1, 32)]
     lat = lambda p50, p99: {"count": 10, "p50_ms": p50, "p99_ms": p99}  # noqa: E731
     run = lambda accepted, refused, **kw: dict(  # noqa: E731
         accepted=accepted, refused=refused, answers_per_s=4000.0, accepted_per_s=10.0, other_status=0, other_5xx=0,
         transport_errors=0, **kw)
-    result = {"cells": cells, "connections": (1, 32), "command": "python -m server.servebench X", "model": "X",
+    result = {"cells": cells, "rounds": 2, "connections": (1, 32), "command": "python -m server.servebench X", "model": "X",
               "backend": "fused", "seconds": 1, "pinned": True, "wrk": "wrk 4.1",
               "machine": {"cpu": "Test CPU", "isa": "AVX2", "cores": 2},
               "overload": {"connections": 256, "seconds": 1, "factor": 4.0, "capacity_per_s": 10.0,
@@ -282,7 +283,8 @@ def test_servebench_page_names_the_machine_and_judges_every_target(tmp_path, mon
     assert sum(overload.values()) == 3  # paced refusals fast (the storm's 300 ms is only shown), no 5xx, recovery
     assert verdict["64 large images in flight"] is False  # /healthz p99 30 ms
     page = servebench.markdown(result)
-    assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2 and "2.00x" in page
+    assert "Test CPU (AVX2, 2 cores)" in page and page.count("| **no** |") == 2
+    assert "| 2.00x (range 2.00x–2.00x) |" in page and "50% (range 50%–50%)" in page
     assert "| sparse | retry storm | as answered | 4,000 | 10 | 10.0 / 20.0 | 10 | 60.0 / 300.0 | 64.0 |" in page
     assert "| sparse | paced 4x | 40 | 4,000 | 10 | 10.0 / 200.0 | 10 | 1.0 / 2.0 |" in page
 
