@@ -33,7 +33,6 @@ The first call compiles (seconds per variant); numba caches the machine code on 
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +69,6 @@ ISAS = {
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
 PRECISIONS = ("fp32", "bf16", "int8")
-SPLIT_ROWS = 8  # with threads > 1, batches of at least this many rows per thread are split by rows (else panels)
 
 
 def host_features() -> set[str]:
@@ -534,8 +532,6 @@ class FusedNet:
         self.patch_size = packed.patch_size
         self.input_shape = tuple(packed.input_shape)
         self._forward = _compiled(isa, precision, threads > 1)
-        self._serial = _compiled(isa, precision, False) if threads > 1 else self._forward
-        self._pool: ThreadPoolExecutor | None = None  # threads - 1 workers for row splits, made on first use
 
     @property
     def variant(self) -> dict:
@@ -546,20 +542,7 @@ class FusedNet:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
-        if self.threads > 1 and len(x) >= SPLIT_ROWS * self.threads:
-            return self._split_rows(x)
         if self.threads > 1:
             numba.set_num_threads(self.threads)  # per calling thread
         return self._forward(x, self.patch_size, self.weights, self.biases, self.tiles, self.meta, self.threads)
-
-    def _split_rows(self, x: np.ndarray) -> np.ndarray:
-        """The batch in ``threads`` contiguous slices, each through the whole serial network in its own thread
-        (the kernel releases the GIL): one hand-off per forward pass instead of a fork and join per layer."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="g2g-fused")
-        bounds = np.linspace(0, len(x), self.threads + 1).astype(int)
-        args = (self.patch_size, self.weights, self.biases, self.tiles, self.meta, 1)
-        others = [self._pool.submit(self._serial, x[lo:hi], *args) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-        first = self._serial(x[:bounds[1]], *args)
-        return np.concatenate([first] + [f.result() for f in others])
 
