@@ -14,6 +14,7 @@ PORT ?= 8765
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[png]' 2>/dev/null || echo "note: pyspng is not installable here; PNGs decode with Pillow (same pixels, slower)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,6 +46,7 @@ test: install test-slim
 $(SLIM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SLIM_VENV)
 	$(SLIM_VENV)/bin/python -m pip install -q '.[serve]' pytest
+	$(SLIM_VENV)/bin/python -m pip install -q '.[png]' 2>/dev/null || echo "note: pyspng is not installable here"
 	touch $@
 
 # Disk size of the [serve]-only install against the full one (issue 18: at most 1/10), as a generated page.

@@ -432,6 +432,7 @@ def markdown(result: dict) -> str:
              f"(wrk {result['wrk']}; the asyncio client for overload and /healthz) on core 1"
              + ("" if result["pinned"] else " — **not pinned** (taskset missing or a single core)") + ". "
              f"Model `{result['model']}`, backend `{result['backend']}`, 1 intra-op thread, 1 decode thread, "
+             f"PNGs decoded by {result.get('png_decoder', 'an unrecorded decoder')}, "
              f"{result['seconds']:g} s per wrk run, {result['rounds']} rounds. Ceiling: the same FastAPI + uvicorn stack whose /classify only "
              "reads the body (`python -m server.noop`). `sparse-h11`: the sparse server on the pure-Python stack "
              "(`--loop asyncio --http h11`), to show what uvloop + httptools buy.", "",
@@ -554,7 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"servebench: error: {e}", file=sys.stderr)
             return 1
+    from g2gserve.data import images
+    decoder = f"libspng (pyspng {images.pyspng.__version__})" if images.pyspng is not None else "Pillow (no pyspng)"
     result |= {"command": "python -m server.servebench " + " ".join(argv), "machine": machine_info(),
+               "png_decoder": decoder,
                "model": str(args.model), "backend": args.backend, "seconds": args.seconds, "connections": connections,
                "pinned": pinned, "wrk": wrk_version, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     result["targets"] = targets(result)
