@@ -13,14 +13,12 @@ such as ``--api-key``, which is then not short-cut) goes the usual way. Query pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Mapping
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def hot_route(router: APIRouter, method: str, path: str) -> APIRoute | None:

@@ -18,7 +18,7 @@ from ..inputs import SHAPE_HEADER, cheap_to_decode, decode_body, read_body
 from ..schemas import ClassifyResponse, FastJSONResponse
 from ..parsing import classify_request_body
 from ..hotpath import IntQuery, StrQuery, openapi_parameters
-from ..service import Service, top_k
+from ..service import top_k
 
 router = APIRouter(tags=["classify"])
 
@@ -49,8 +49,8 @@ async def classify(request: Request):
     fields, JSON base64, or raw uint8 pixels with a shape. Images are converted to the model's channels and size
     as in training. A request that would queue longer than ``--max-queue-ms`` is answered 503 at once."""
     start = time.perf_counter()
-    service = service_if_ready(request)  # parameters by hand (server/hotpath.py)
-    top_k_ = TOP_K.parse(request.query_params)
+    service = service_if_ready(request)
+    top_k_ = TOP_K.parse(request.query_params)  # by hand, not by FastAPI (server/hotpath.py)
     served = service.served
     cfg, model, batcher = service.cfg, served.model, served.batcher
     ticket = request.scope.get(TICKET)  # admitted by the AdmissionGate, before the body was read
