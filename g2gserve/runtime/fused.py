@@ -69,6 +69,7 @@ ISAS = {
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
 PRECISIONS = ("fp32", "bf16", "int8")
+SPLIT_ROWS = 8  # with threads, batches of at least this many rows per thread are split by rows (else panels)
 
 
 def host_features() -> set[str]:
@@ -320,80 +321,117 @@ def _patches(x, p, out):
         _patch_rows(x, p, out, b)
 
 
+def _layers(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16, int8):
+    """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU) of ``x``: the logits. Layer li is
+    described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live input tiles
+    tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
+    (o * C + c) * k * t * panel], holds units o*t_out + panel*c .. +panel. Rows go in near-equal chunks of at
+    most max_rows; compiled parallel (``_layers_parallel``) the jobs are panels, or panels x row chunks where
+    there are too few panels for the threads. ``code`` (an index into VARIANTS) must be a compile-time
+    constant: it picks the micro-kernel."""
+    n, channels, grid = x.shape[0], x.shape[1], x.shape[2] // p
+    h = np.empty((n * grid * grid, channels * p * p), np.float32)  # every p x p patch as one row
+    for b in prange(n):
+        _patch_rows(x, p, h, b)
+    last = meta.shape[0] - 1
+    for li in range(last + 1):
+        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off = (
+            meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
+            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10])
+        rows_in = h.shape[0]
+        scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
+        zeros = np.empty(rows_in if int8 else 0, np.float32)
+        if bf16:  # the input in bf16 pairs, every input tile padded to even length
+            xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
+            for r in prange(rows_in):
+                _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
+        elif int8:  # the input in uint8 quads, every input tile padded to a multiple of 4
+            xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 4), np.float32)
+            for r in prange(rows_in):
+                _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r)
+        else:
+            xin = h
+        out = np.empty((rows_in, width_out), np.float32)
+        ldx, ldo = xin.shape[1], width_out
+        flat, dest = xin.reshape(-1), out.reshape(-1)
+        n_panels = (t_out + panel_width - 1) // panel_width
+        panel_size = k * t * panel_width  # bf16: t/2 input pairs x 2*panel values
+        lo = np.float32(0.0) if li < last else np.float32(-np.inf)  # ReLU but on the head
+        chunks = (rows_in + max_rows - 1) // max_rows
+        jobs = n_tiles * n_panels
+        parts = 1
+        if threads > 1 and jobs < 4 * threads:  # (numba.get_num_threads() here would defeat the disk cache)
+            parts = min(chunks, (4 * threads + jobs - 1) // jobs)
+        small, extra = rows_in // chunks, rows_in % chunks
+        for job in prange(jobs * parts):
+            o, c, part = job // parts // n_panels, job // parts % n_panels, job % parts
+            live = tiles[t_off + o * k:t_off + (o + 1) * k]
+            col = o * t_out + c * panel_width
+            width = min(panel_width, t_out - c * panel_width, ldo - col)
+            base = w_off + (o * n_panels + c) * panel_size
+            first, stop = part * chunks // parts, (part + 1) * chunks // parts
+            b0 = first * small + min(first, extra)
+            for chunk in range(first, stop):
+                rows = small + (1 if chunk < extra else 0)
+                if width == panel_width:
+                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
+                            dest, b0 * ldo + col, ldo, s_off + col, c_off + col, scales, zeros, b0)
+                else:  # a panel cut short by the tile or layer end (rare: allocated only here)
+                    acc = np.empty(max_rows * panel_width, np.float32)
+                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
+                            acc, 0, panel_width, s_off + col, c_off + col, scales, zeros, b0)
+                    for r in range(rows):
+                        out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
+                b0 += rows
+        h = out.reshape(n, grid * grid * width_out) if li == 0 else out  # encoder: one image per row
+    return h
+
+
+def _named(function, name: str):
+    """A copy of ``function`` under another name: numba keys its disk cache on the qualified name, so the serial
+    and the parallel compilation of one source each need their own."""
+    import types as pytypes
+    copy = pytypes.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                                function.__closure__)
+    copy.__qualname__, copy.__doc__ = name, function.__doc__
+    return copy
+
+
+_layers_serial = _njit(_named(_layers, "_layers_serial"))
+_layers_parallel = _njit(parallel=True)(_named(_layers, "_layers_parallel"))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(isa_name: str, precision: str, parallel: bool):
     """The forward function of one micro-kernel variant: (x, p, weights, biases, tiles, meta, threads) -> logits.
 
     A closure per variant, so every variant can be compiled and tested in one process. It captures only
     plain constants (numba's disk cache keys a closure on them; a captured function would have a
-    process-unique identity and never hit the cache) and calls the module-level ``_kernel``."""
+    process-unique identity and never hit the cache) and calls the module-level ``_layers_*``.
+
+    In parallel, a batch of at least SPLIT_ROWS rows per thread is split by rows, each slice through the whole
+    serial network on its own thread, in one parallel region: numba opens and joins a parallel region in tens of
+    microseconds, which sharing every layer's panels paid once per layer. Smaller batches share the panels.
+    The rows of a slice are chunked as the whole batch is (every chunk of at least 5 rows, one set of sums per
+    output), so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
     code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
     bf16, int8 = precision == "bf16", precision == "int8"
+    split_rows = SPLIT_ROWS
 
     def forward(x, p, weights, biases, tiles, meta, threads):
-        """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU). Layer li is described by
-        meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live input tiles
-        tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
-        (o * C + c) * k * t * panel], holds units o*t_out + panel*c .. +panel. Rows go in near-equal
-        chunks of at most max_rows; the parallel jobs are panels, or panels x row chunks where there are
-        too few panels for the threads."""
-        n, channels, grid = x.shape[0], x.shape[1], x.shape[2] // p
-        h = np.empty((n * grid * grid, channels * p * p), np.float32)  # every p x p patch as one row
-        for b in prange(n):
-            _patch_rows(x, p, h, b)
-        last = meta.shape[0] - 1
-        for li in range(last + 1):
-            w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off = (
-                meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
-                meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10])
-            rows_in = h.shape[0]
-            scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
-            zeros = np.empty(rows_in if int8 else 0, np.float32)
-            if bf16:  # the input in bf16 pairs, every input tile padded to even length
-                xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
-                for r in prange(rows_in):
-                    _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
-            elif int8:  # the input in uint8 quads, every input tile padded to a multiple of 4
-                xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 4), np.float32)
-                for r in prange(rows_in):
-                    _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r)
-            else:
-                xin = h
-            out = np.empty((rows_in, width_out), np.float32)
-            ldx, ldo = xin.shape[1], width_out
-            flat, dest = xin.reshape(-1), out.reshape(-1)
-            n_panels = (t_out + panel_width - 1) // panel_width
-            panel_size = k * t * panel_width  # bf16: t/2 input pairs x 2*panel values
-            lo = np.float32(0.0) if li < last else np.float32(-np.inf)  # ReLU but on the head
-            chunks = (rows_in + max_rows - 1) // max_rows
-            jobs = n_tiles * n_panels
-            parts = 1
-            if parallel and jobs < 4 * threads:  # (numba.get_num_threads() here would defeat the disk cache)
-                parts = min(chunks, (4 * threads + jobs - 1) // jobs)
-            small, extra = rows_in // chunks, rows_in % chunks
-            for job in prange(jobs * parts):
-                o, c, part = job // parts // n_panels, job // parts % n_panels, job % parts
-                live = tiles[t_off + o * k:t_off + (o + 1) * k]
-                col = o * t_out + c * panel_width
-                width = min(panel_width, t_out - c * panel_width, ldo - col)
-                base = w_off + (o * n_panels + c) * panel_size
-                first, stop = part * chunks // parts, (part + 1) * chunks // parts
-                b0 = first * small + min(first, extra)
-                for chunk in range(first, stop):
-                    rows = small + (1 if chunk < extra else 0)
-                    if width == panel_width:
-                        _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                                dest, b0 * ldo + col, ldo, s_off + col, c_off + col, scales, zeros, b0)
-                    else:  # a panel cut short by the tile or layer end (rare: allocated only here)
-                        acc = np.empty(max_rows * panel_width, np.float32)
-                        _kernel(code, rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                                acc, 0, panel_width, s_off + col, c_off + col, scales, zeros, b0)
-                        for r in range(rows):
-                            out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
-                    b0 += rows
-            h = out.reshape(n, grid * grid * width_out) if li == 0 else out  # encoder: one image per row
-        return h
+        n = x.shape[0]
+        if parallel and n >= split_rows * threads:
+            out = np.empty((n, meta[meta.shape[0] - 1, 7]), np.float32)
+            for part in prange(threads):
+                lo, hi = part * n // threads, (part + 1) * n // threads
+                out[lo:hi] = _layers_serial(x[lo:hi], p, weights, biases, tiles, meta, 1, code, panel_width,
+                                            max_rows, bf16, int8)
+            return out
+        if parallel:
+            return _layers_parallel(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16,
+                                    int8)
+        return _layers_serial(x, p, weights, biases, tiles, meta, 1, code, panel_width, max_rows, bf16, int8)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
     # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
