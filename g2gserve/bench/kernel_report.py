@@ -73,12 +73,15 @@ WHY_MISSED = {
                     "after few multiply-adds, and the dense twin's long panels run closer to peak",
     "peak_fraction_batch64": "the sparse layers' short panels (k live tiles x 64 inputs) and the patch conv "
                              "(49 inputs per output) do not keep the FMA units as busy as a large square GEMM",
-    "threads2_scaling": "the layers are short at batch 64 (~0.2 ms each): the fork/join of every parallel layer "
-                        "and the serial patch extraction and bf16 staging are a visible share",
+    "threads2_scaling": "the batch is split by rows in one parallel region, so what is left is the Python call, "
+                        "the hand-off to the second thread and the copy of its rows; on this 2-core virtual "
+                        "machine the second core's speed also varies from run to run (compare the range)",
     "threads2_speedup": "see the 2-thread scaling: onnxruntime's dense GEMMs split into larger pieces per thread",
-    "reduced_batch64": "onnxruntime-int8 runs int8 x int8 VNNI (4 multiply-adds per lane and instruction) "
-                       "like fused-int8, and quantises each activation tensor once per call; the sparse int8 "
-                       "layers' short panels (k live tiles x 64 inputs) keep fewer multiply-adds in flight per load",
+    "reduced_batch64": "the best quantised dense model is fused-int8's own dense twin; every layer's input is "
+                       "staged as uint8 row by row (range, scale, quantise), a cost that follows the input width, "
+                       "not the density, so it is the same for sparse and dense and weighs four times as much "
+                       "against the sparse model's quarter of the multiply-adds; the sparse layers' short panels "
+                       "(k live tiles x 64 inputs) also keep fewer multiply-adds in flight per load",
 }
 
 

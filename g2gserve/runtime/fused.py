@@ -281,12 +281,35 @@ def _to_bf16(x, t, t_pad, out):
 
 
 @_njit
+def _range_with_zero(x):
+    """(min(x, 0), max(x, 0)): the range holds 0, so 0 (ReLU's, padding's) stays exact. Eight running minima and
+    maxima: one pair is a chain of dependent compares that LLVM does not vectorise (x.min() neither: it keeps NaN
+    semantics), and it was most of the int8 staging."""
+    z = np.float32(0.0)
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = z
+    h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = z
+    n8 = x.size // 8 * 8
+    for i in range(0, n8, 8):
+        l0, h0 = min(l0, x[i]), max(h0, x[i])
+        l1, h1 = min(l1, x[i + 1]), max(h1, x[i + 1])
+        l2, h2 = min(l2, x[i + 2]), max(h2, x[i + 2])
+        l3, h3 = min(l3, x[i + 3]), max(h3, x[i + 3])
+        l4, h4 = min(l4, x[i + 4]), max(h4, x[i + 4])
+        l5, h5 = min(l5, x[i + 5]), max(h5, x[i + 5])
+        l6, h6 = min(l6, x[i + 6]), max(h6, x[i + 6])
+        l7, h7 = min(l7, x[i + 7]), max(h7, x[i + 7])
+    lo = min(min(min(l0, l1), min(l2, l3)), min(min(l4, l5), min(l6, l7)))
+    hi = max(max(max(h0, h1), max(h2, h3)), max(max(h4, h5), max(h6, h7)))
+    for i in range(n8, x.size):
+        lo, hi = min(lo, x[i]), max(hi, x[i])
+    return lo, hi
+
+
+@_njit
 def _to_u8(x, t, t_pad, out, scales, zeros, r):
     """Row x as uint8 with its own scale and zero point (x ~ (q - zero) * scale, q in 0..255), every input tile
     padded to ``t_pad`` (a multiple of 4; the padding meets zero weights): the int8 kernel's inputs."""
-    lo, hi = np.float32(0.0), np.float32(0.0)  # the range holds 0, so 0 (ReLU's, padding's) is exact
-    for i in range(x.size):  # plain loops, which LLVM vectorises (x.min() keeps NaN semantics and does not)
-        lo, hi = min(lo, x[i]), max(hi, x[i])
+    lo, hi = _range_with_zero(x)
     scale = (hi - lo) / np.float32(255.0) if hi > lo else np.float32(1.0)
     zero = np.float32(np.rint(-lo / scale))
     inv, shift = np.float32(1.0) / scale, zero + np.float32(0.5)  # q = floor(x / scale + zero + 1/2)
