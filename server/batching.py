@@ -6,7 +6,8 @@ the passes it has timed) and refuses it at once (``Overloaded`` → HTTP 503 + R
 ``max_queue_s`` or the images would overflow ``max_queue_images``. An admitted request decodes elsewhere (a thread
 pool) and then joins the queue (``Ticket.submit``). The worker takes every waiting request that fits into
 ``max_batch`` images and runs them as one forward pass, in its own thread unless the pass is shorter than a thread
-hop, or when the process has one core (a thread could not run beside the event loop), on the event loop. It waits at most ``max_wait_s`` for more, and only while admitted requests are still
+hop (or, in a process with one core, where a thread cannot run beside the event loop, shorter than a few ms), on
+the event loop. It waits at most ``max_wait_s`` for more, and only while admitted requests are still
 being decoded; a lone request never waits. Everything here is numpy: no torch on this path.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 
 
 INLINE_S = 0.0003  # a forward pass expected to be shorter runs on the event loop (a thread hop costs about as much)
+ONE_CORE_INLINE_S = 0.005  # with one core a thread adds a hop and no parallelism: passes up to this run on the loop
+                           # (longer ones still go to the thread, so refusals and /healthz wait a few ms at most)
 
 
 class Overloaded(RuntimeError):

@@ -19,7 +19,7 @@ from g2gserve.bench.memprobe import SLIM_BACKENDS
 from g2gserve.fileio import atomic_write_text
 from g2gserve.runtime import InferenceModel, load
 
-from .batching import INLINE_S, BatchResult, MicroBatcher, Overloaded, Ticket
+from .batching import INLINE_S, ONE_CORE_INLINE_S, BatchResult, MicroBatcher, Overloaded, Ticket
 from .oip.repository import ModelRepository, Served
 from .metrics import Metrics
 from .settings import ServeConfig
@@ -157,7 +157,7 @@ class Service:
                     fastest[n] = min(fastest.get(n, math.inf), time.perf_counter() - t)
         batcher = MicroBatcher(predict, cfg.max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue_images,
                                self.on_batch, max_queue_s=cfg.max_queue_ms / 1e3, decode_workers=self.decode_threads,
-                               inline_s=INLINE_S if usable_cores() > 1 else math.inf)
+                               inline_s=INLINE_S if usable_cores() > 1 else ONE_CORE_INLINE_S)
         for n, seconds in fastest.items():
             batcher.cost.observe(n, seconds)
         self.metrics.model_info.labels(*self._info_labels(model)).set(1)

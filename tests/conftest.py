@@ -15,6 +15,17 @@ TINY = dict(hidden=(64, 64), groups=4, conv_channels=8, block_size=8)
 TINY_FLAGS = ["--hidden", "64,64", "--groups", "4", "--block-size", "8", "--batch-size", "32", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _cores_restored():
+    """g2g-bench pins its process to as many cores as threads (``pin_threads``); a test that runs it in process
+    must not leave the rest of the session on one core."""
+    import os
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    yield
+    if saved is not None and os.sched_getaffinity(0) != saved:
+        os.sched_setaffinity(0, saved)
+
+
 def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**(TINY | kw))
 
