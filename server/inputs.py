@@ -110,8 +110,8 @@ def _shape_and_type(request: Request) -> tuple[str | None, str]:
             ctype = value.decode("latin-1").split(";")[0].strip().lower()
         elif name == _SHAPE_RAW:
             shape_text = value.decode("latin-1")
-    if shape_text is None and b"shape=" in request.scope.get("query_string", b""):
-        shape_text = request.query_params.get("shape")
+    if not shape_text:  # no header (or an empty one): the query parameter, as ``header or query``
+        shape_text = request.query_params.get("shape") if b"shape=" in request.scope.get("query_string", b"") else None
     return shape_text, ctype
 
 
