@@ -303,6 +303,18 @@ SERVERS = ("ceiling", "sparse", "dense", "sparse-h11")  # driven by wrk, in this
 RATE_KEYS = ("rps", "ok_rps", "images_per_s", "p50_ms", "p99_ms")
 
 
+def _serve_args(model: Path, backend: str) -> list[str]:
+    """The g2g-serve under test: one intra-op thread, one decode thread, no start-up calibration."""
+    return ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
+            "--no-calibrate", "--log-level", "warning"]
+
+
+def _wrk_script(workdir: Path) -> Path:
+    lua = workdir / "post.lua"
+    lua.write_text(WRK_LUA)
+    return lua
+
+
 def _median_cell(runs: list[dict]) -> dict:
     """One cell from its rounds: the median of each figure, the range of req/s, the non-2xx summed."""
     out = {k: float(np.median([r[k] for r in runs])) for k in RATE_KEYS}
@@ -312,13 +324,11 @@ def _median_cell(runs: list[dict]) -> dict:
 
 def measure(model: Path, backend: str, seconds: float, connections: tuple[int, ...], workdir: Path,
             rounds: int = 3, log=print) -> dict:
-    lua = workdir / "post.lua"
-    lua.write_text(WRK_LUA)
+    lua = _wrk_script(workdir)
     payloads = bodies()
     for name, (data, _) in payloads.items():
         (workdir / name).write_bytes(data)
-    serve = ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
-             "--no-calibrate", "--log-level", "warning"]
+    serve = _serve_args(model, backend)
     args = {"ceiling": ["server.noop"], "sparse": serve, "dense": serve + ["--variant", "dense"],
             "sparse-h11": serve + ["--loop", "asyncio", "--http", "h11"],  # what uvloop + httptools buy
             "sparse-app-refusal": serve + ["--no-protocol-refusal"]}  # overload only: what protocol refusals buy
@@ -355,12 +365,10 @@ def workers_scaling(model: Path, backend: str, seconds: float, workdir: Path, ro
                     connections: int = 32, log=print) -> dict:
     """``--workers 1`` against ``--workers 2``, both free to use every core, with 64-image raw-pixel requests (the
     model's work, little HTTP) from wrk on core 1, the two servers in turn within a round."""
-    lua = workdir / "post.lua"
-    lua.write_text(WRK_LUA)
+    lua = _wrk_script(workdir)
     data, ctype = bodies()["raw64"]
     (workdir / "raw64").write_bytes(data)
-    serve = ["server.cli", str(model), "--backend", backend, "--threads", "1", "--decode-threads", "1",
-             "--no-calibrate", "--log-level", "warning", "--workers"]
+    serve = _serve_args(model, backend) + ["--workers"]
     runs: dict[int, list[dict]] = {1: [], 2: []}
     with contextlib.ExitStack() as stack:
         srv = {w: stack.enter_context(Server(serve + [str(w)], workdir / f"workers-{w}.log", core=None)) for w in runs}

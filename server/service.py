@@ -100,7 +100,6 @@ class Service:
         self._calibration: dict = {"status": "pending"}
         self.bytes_per_image = 0.0  # mean encoded size of the images of several-image requests (admission's guess)
         self._calibration_lock = threading.Lock()
-        self._cards: dict[int, tuple[Served, dict]] = {}
 
     # -------------------------------------------------------------- the served models
     @property
@@ -169,7 +168,6 @@ class Service:
 
     def retired(self, served: Served) -> None:
         """A drained version leaves the g2g_model_info metric (unless a served version has the same labels)."""
-        self._cards.pop(id(served), None)
         labels = self._info_labels(served.model)
         if all(self._info_labels(s.model) != labels for s in self.repository.served.values()):
             try:
@@ -184,14 +182,10 @@ class Service:
         return self.card(self.served)
 
     def card(self, served: Served) -> dict:
-        """``model_card`` of a given served version (built once per version: it is in every answer)."""
-        cached = self._cards.get(id(served))
-        if cached is None or cached[0] is not served:
-            m = served.model
-            cached = self._cards[id(served)] = (served, {
-                "name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
-                "device": str(m.device), "variant": self.cfg.variant})
-        return cached[1]
+        """``model_card`` of a given served version (``/classify`` looks its version up once per request)."""
+        m = served.model
+        return {"name": served.name, "version": _model_version(m.manifest), "backend": m.backend,
+                "device": str(m.device), "variant": self.cfg.variant}
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
