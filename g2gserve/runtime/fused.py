@@ -26,8 +26,10 @@ The vector width and register blocking (``ISAS``) are chosen once, at load, for 
 per row.
 
 Only live tiles are stored and read, so compute and memory traffic shrink with the density. Dense
-layers (the encoder's patch conv, the head, every layer of the dense twin) are panels over one input
-tile spanning all inputs, so sparse and dense run on the same kernel. CSR layers run densified.
+layers (the head, every layer of the dense twin) are panels over one input tile spanning all inputs,
+so sparse and dense run on the same kernel. CSR layers run densified. The encoder's patch conv reads
+the image itself: each patch is an output tile whose live input tiles are its rows of pixels, all
+patches sharing one set of weights, so no patch is copied out (at batch 64 the copy cost ~40 us).
 The first call compiles (seconds per variant); numba caches the machine code on disk for later processes.
 """
 from __future__ import annotations
@@ -322,45 +324,21 @@ def _to_u8(x, t, t_pad, out, scales, zeros, r):
     scales[r], zeros[r] = scale, zero
 
 
-@_njit
-def _patch_rows(x, p, out, b):
-    """Every p x p patch of image b of x as one row of ``out`` (N * patches, C*p*p), in (image, patch row,
-    patch column) order."""
-    channels, grid = x.shape[1], x.shape[2] // p
-    for c in range(channels):
-        for py in range(grid):
-            for i in range(p):
-                m0 = (c * p + i) * p
-                for px in range(grid):
-                    r = (b * grid + py) * grid + px
-                    for j in range(p):  # element by element: numba's slice objects cost more than the copy
-                        out[r, m0 + j] = x[b, c, py * p + i, px * p + j]
-
-
-@_njit
-def _patches(x, p, out):
-    """``_patch_rows`` for every image (what the forward functions do, image by image across threads)."""
-    for b in range(x.shape[0]):
-        _patch_rows(x, p, out, b)
-
-
-def _layers(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16, int8):
-    """Encoder (layer 0, over patches), hidden layers, head (last, no ReLU) of ``x``: the logits. Layer li is
-    described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live input tiles
-    tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
-    (o * C + c) * k * t * panel], holds units o*t_out + panel*c .. +panel. Rows go in near-equal chunks of at
+def _layers(x, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16, int8):
+    """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row): the logits.
+    Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
+    input tiles tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
+    (o' * C + c) * k * t * panel] (o' = o, or 0 where the tiles share one set of weights: the encoder), holds
+    units o*t_out + panel*c .. +panel. Rows go in near-equal chunks of at
     most max_rows; compiled parallel (``_layers_parallel``) the jobs are panels, or panels x row chunks where
     there are too few panels for the threads. ``code`` (an index into VARIANTS) must be a compile-time
     constant: it picks the micro-kernel."""
-    n, channels, grid = x.shape[0], x.shape[1], x.shape[2] // p
-    h = np.empty((n * grid * grid, channels * p * p), np.float32)  # every p x p patch as one row
-    for b in prange(n):
-        _patch_rows(x, p, h, b)
+    h = x
     last = meta.shape[0] - 1
     for li in range(last + 1):
-        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off = (
+        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off, shared = (
             meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
-            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10])
+            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10], meta[li, 11])
         rows_in = h.shape[0]
         scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
         zeros = np.empty(rows_in if int8 else 0, np.float32)
@@ -391,7 +369,7 @@ def _layers(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_
             live = tiles[t_off + o * k:t_off + (o + 1) * k]
             col = o * t_out + c * panel_width
             width = min(panel_width, t_out - c * panel_width, ldo - col)
-            base = w_off + (o * n_panels + c) * panel_size
+            base = w_off + ((0 if shared else o) * n_panels + c) * panel_size
             first, stop = part * chunks // parts, (part + 1) * chunks // parts
             b0 = first * small + min(first, extra)
             for chunk in range(first, stop):
@@ -406,7 +384,7 @@ def _layers(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_
                     for r in range(rows):
                         out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
                 b0 += rows
-        h = out.reshape(n, grid * grid * width_out) if li == 0 else out  # encoder: one image per row
+        h = out
     return h
 
 
@@ -426,7 +404,7 @@ _layers_parallel = _njit(parallel=True)(_named(_layers, "_layers_parallel"))
 
 @functools.lru_cache(maxsize=None)
 def _compiled(isa_name: str, precision: str, parallel: bool):
-    """The forward function of one micro-kernel variant: (x, p, weights, biases, tiles, meta, threads) -> logits.
+    """The forward function of one micro-kernel variant: (x, weights, biases, tiles, meta, threads) -> logits.
 
     A closure per variant, so every variant can be compiled and tested in one process. It captures only
     plain constants (numba's disk cache keys a closure on them; a captured function would have a
@@ -442,19 +420,19 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     bf16, int8 = precision == "bf16", precision == "int8"
     split_rows = SPLIT_ROWS
 
-    def forward(x, p, weights, biases, tiles, meta, threads):
+    def forward(x, weights, biases, tiles, meta, threads):
         n = x.shape[0]
         if parallel and n >= split_rows * threads:
             out = np.empty((n, meta[meta.shape[0] - 1, 7]), np.float32)
             for part in prange(threads):
                 lo, hi = part * n // threads, (part + 1) * n // threads
-                out[lo:hi] = _layers_serial(x[lo:hi], p, weights, biases, tiles, meta, 1, code, panel_width,
+                out[lo:hi] = _layers_serial(x[lo:hi], weights, biases, tiles, meta, 1, code, panel_width,
                                             max_rows, bf16, int8)
             return out
         if parallel:
-            return _layers_parallel(x, p, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16,
+            return _layers_parallel(x, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16,
                                     int8)
-        return _layers_serial(x, p, weights, biases, tiles, meta, 1, code, panel_width, max_rows, bf16, int8)
+        return _layers_serial(x, weights, biases, tiles, meta, 1, code, panel_width, max_rows, bf16, int8)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
     # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
@@ -521,6 +499,22 @@ def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tu
     return _panels(blocks, n_in, width, isa, precision), np.zeros((n_tiles, 1), np.int64), n_in, width, bias, n_out
 
 
+def _encoder(packed: PackedNet, isa: Isa, precision: str) -> tuple:
+    """The patch conv as a layer over the flattened image itself, so no patch is ever copied out: output tile o is
+    patch (py, px) (its ``channels`` units in the order the hidden layers read them) and reads, as its k = C*p live
+    input tiles of p units, the p rows of p pixels of that patch in every channel; all tiles share one set of
+    weights (the conv's [channels, C*p*p] as one panel set). Image width is a multiple of p (``G2GConfig``)."""
+    p, (channels_in, height, width_px) = packed.patch_size, packed.input_shape
+    conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)  # [channels, C*p*p], (c, i, j) order
+    channels, grid_y, grid_x = conv.shape[0], height // p, width_px // p
+    panels, scale, colsum = _panels(np.ascontiguousarray(conv.T)[None], p, channels, isa, precision)
+    rows = np.arange(channels_in)[:, None] * height + np.arange(p)[None, :]  # (c, i) -> image row c*H + i
+    idx = np.array([((rows + py * p) * grid_x + px).reshape(-1) for py in range(grid_y) for px in range(grid_x)])
+    patches = grid_y * grid_x
+    per_output = tuple(np.tile(v, patches) if v.size else v for v in (scale, colsum))
+    return (panels, *per_output), idx, p, channels, np.tile(packed.conv_bias, patches), patches * channels
+
+
 def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
     """(panels, idx, t_in, t_out, bias, out_features) of any packed layer, from its format's tiles."""
     blocks, idx, t_in, t_out = layer.spec.fused_tiles(layer)  # blocks: [O, k*t_in, t_out], input unit major
@@ -529,7 +523,7 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
-        "scale_offset", "colsum_offset")
+        "scale_offset", "colsum_offset", "shared_weights")
 
 
 def _aligned(size: int, dtype, line: int) -> np.ndarray:
@@ -566,15 +560,14 @@ class FusedNet:
             raise ValueError(f"fused: threads must be 1..{numba.config.NUMBA_NUM_THREADS} (numba's thread count), "
                              f"got {threads}")
         self.isa, self.precision, self.threads = ISAS[isa], precision, threads
-        conv = packed.conv_weight.reshape(packed.conv_weight.shape[0], -1)
-        layers = [_dense(conv, packed.conv_bias, self.isa, precision),
+        layers = [_encoder(packed, self.isa, precision),
                   *(_layer(l, self.isa, precision) for l in packed.layers),
                   _dense(packed.head_weight, packed.head_bias, self.isa, precision)]
         dtype = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}[precision]
         group = {"fp32": 1, "bf16": 2, "int8": 4}[precision]  # inputs per multiply-add step
         line, bline = 64 // np.dtype(dtype).itemsize, 16  # elements per 64-byte cache line
         segments, meta, w_size, b_size, t_off = [], [], 0, 0, 0
-        for (panels, scale, colsum), idx, t_in, t_out, bias, width in layers:
+        for li, ((panels, scale, colsum), idx, t_in, t_out, bias, width) in enumerate(layers):
             offsets = []
             for values in (bias, scale, colsum):  # per output unit, in the float32 buffer ``biases``
                 segments.append(("biases", b_size, values))
@@ -582,7 +575,7 @@ class FusedNet:
                 b_size += -(-values.size // bline) * bline + self.isa.panel  # the kernel reads a panel anywhere
             segments.append(("weights", w_size, panels))
             meta.append((w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width, -(-t_in // group) * group,
-                         offsets[1], offsets[2]))
+                         offsets[1], offsets[2], li == 0))
             w_size += -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
@@ -590,7 +583,6 @@ class FusedNet:
             getattr(self, buffer)[off:off + values.size] = values.reshape(-1)
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
-        self.patch_size = packed.patch_size
         self.input_shape = tuple(packed.input_shape)
         self._forward = _compiled(isa, precision, threads > 1)
 
@@ -605,5 +597,5 @@ class FusedNet:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if self.threads > 1:
             numba.set_num_threads(self.threads)  # per calling thread
-        return self._forward(x, self.patch_size, self.weights, self.biases, self.tiles, self.meta, self.threads)
+        return self._forward(x.reshape(x.shape[0], -1), self.weights, self.biases, self.tiles, self.meta, self.threads)
 
