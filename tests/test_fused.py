@@ -91,7 +91,7 @@ def test_int8_inputs_come_back_within_half_a_step(row):
     half a step; constant rows (a background patch) exactly."""
     row = row.astype(np.float32)
     out, scales, zeros = np.full(8, 7, np.uint8), np.zeros(1, np.float32), np.zeros(1, np.float32)
-    _to_u8(row, 3, 4, out, scales, zeros, 0)
+    _to_u8(row, 3, 4, out, scales, zeros, 0, True)
     tiles = out.reshape(2, 4)
     assert (tiles[:, 3] == 0).all()  # padding
     back = (tiles[:, :3].reshape(-1).astype(np.float32) - zeros[0]) * scales[0]

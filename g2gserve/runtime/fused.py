@@ -23,7 +23,7 @@ The vector width and register blocking (``ISAS``) are chosen once, at load, for 
 (two products per lane, fp32 sums): the activations are rounded to bf16 on their way into each layer.
 ``precision="int8"`` (AVX512-VNNI only) stores int8 quads with a scale per output unit and runs
 ``vpdpbusd`` (four products per lane, int32 sums) on inputs staged as uint8 with a scale and zero point
-per row.
+per row. At both, the encoder stays fp32 (see ``FusedNet``).
 
 Only live tiles are stored and read, so compute and memory traffic shrink with the density. Dense
 layers (the head, every layer of the dense twin) are panels over one input tile spanning all inputs,
@@ -282,74 +282,102 @@ def _to_bf16(x, t, t_pad, out):
             dst[i] = 0
 
 
-@_njit
-def _range_with_zero(x):
-    """(min(x, 0), max(x, 0)): the range holds 0, so 0 (ReLU's, padding's) stays exact. Eight running minima and
-    maxima: one pair is a chain of dependent compares that LLVM does not vectorise (x.min() neither: it keeps NaN
-    semantics), and it was most of the int8 staging."""
-    z = np.float32(0.0)
-    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = z
-    h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = z
-    n8 = x.size // 8 * 8
-    for i in range(0, n8, 8):
-        l0, h0 = min(l0, x[i]), max(h0, x[i])
-        l1, h1 = min(l1, x[i + 1]), max(h1, x[i + 1])
-        l2, h2 = min(l2, x[i + 2]), max(h2, x[i + 2])
-        l3, h3 = min(l3, x[i + 3]), max(h3, x[i + 3])
-        l4, h4 = min(l4, x[i + 4]), max(h4, x[i + 4])
-        l5, h5 = min(l5, x[i + 5]), max(h5, x[i + 5])
-        l6, h6 = min(l6, x[i + 6]), max(h6, x[i + 6])
-        l7, h7 = min(l7, x[i + 7]), max(h7, x[i + 7])
-    lo = min(min(min(l0, l1), min(l2, l3)), min(min(l4, l5), min(l6, l7)))
-    hi = max(max(max(h0, h1), max(h2, h3)), max(max(h4, h5), max(h6, h7)))
-    for i in range(n8, x.size):
-        lo, hi = min(lo, x[i]), max(hi, x[i])
-    return lo, hi
+@intrinsic
+def _max_with_zero(typingctx, x, sign):
+    """_max_with_zero(x, sign) -> max(0, max over i of sign * x[i]) for a 1-d float32 array: the int8 staging's
+    range (sign 1: the top, -1: minus the bottom). Written with explicit 16-float vectors and ``maxnum``
+    because LLVM does not vectorise a float max loop from numba (NaN semantics), and the scalar loop was
+    most of the int8 staging (~0.3 ns a value)."""
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float32 and x.layout == "C"):
+        raise numba.core.errors.TypingError("_max_with_zero: x must be a 1-d C-contiguous float32 array")
+    sig = types.float32(x, types.float32)
+
+    def codegen(context, builder, signature, args):
+        vec = 16
+        fvec = ir.VectorType(_F32, vec)
+        intp = context.get_value_type(types.intp)
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        n, data = builder.extract_value(array.shape, 0), array.data
+        vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, fvec]), "llvm.maxnum.v16f32")
+        smax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32]), "llvm.maxnum.f32")
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [fvec]),
+                                                "llvm.vector.reduce.fmax.v16f32")
+        sign = builder.shuffle_vector(builder.insert_element(ir.Constant(fvec, ir.Undefined), args[1],
+                                                             ir.Constant(_I32, 0)),
+                                      ir.Constant(fvec, ir.Undefined), ir.Constant(ir.VectorType(_I32, vec), [0] * vec))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(fvec, [0.0] * vec)) for _ in range(4)]  # 4 chains
+        step = ir.Constant(intp, 4 * vec)
+        with cgutils.for_range(builder, builder.udiv(n, step)) as loop:
+            for a, acc in enumerate(accs):
+                i = builder.add(builder.mul(loop.index, step), ir.Constant(intp, a * vec))
+                v = builder.load(builder.bitcast(builder.gep(data, [i], source_etype=_F32), fvec.as_pointer()), typ=fvec,
+                                 align=4)
+                builder.store(builder.call(vmax, [builder.load(acc, typ=fvec), builder.fmul(v, sign)]), acc)
+        total = builder.load(accs[0], typ=fvec)
+        for acc in accs[1:]:
+            total = builder.call(vmax, [total, builder.load(acc, typ=fvec)])
+        out = cgutils.alloca_once_value(builder, builder.call(reduce, [total]))
+        done = builder.mul(builder.udiv(n, step), step)
+        with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+            v = builder.load(builder.gep(data, [builder.add(done, loop.index)], source_etype=_F32), typ=_F32)
+            builder.store(builder.call(smax, [builder.load(out, typ=_F32), builder.fmul(v, args[1])]), out)
+        return builder.load(out, typ=_F32)
+    return sig, codegen
 
 
 @_njit
-def _to_u8(x, t, t_pad, out, scales, zeros, r):
+def _to_u8(x, t, t_pad, out, scales, zeros, r, signed):
     """Row x as uint8 with its own scale and zero point (x ~ (q - zero) * scale, q in 0..255), every input tile
-    padded to ``t_pad`` (a multiple of 4; the padding meets zero weights): the int8 kernel's inputs."""
-    lo, hi = _range_with_zero(x)
+    padded to ``t_pad`` (a multiple of 4; the padding meets zero weights): the int8 kernel's inputs. The range
+    always holds 0, so 0 (ReLU's, padding's) stays exact; ``signed`` False: x >= 0 (a ReLU's output), so the
+    bottom of the range is 0 without a look."""
+    lo = -_max_with_zero(x, np.float32(-1.0)) if signed else np.float32(0.0)
+    hi = _max_with_zero(x, np.float32(1.0))
     scale = (hi - lo) / np.float32(255.0) if hi > lo else np.float32(1.0)
     zero = np.float32(np.rint(-lo / scale))
     inv, shift = np.float32(1.0) / scale, zero + np.float32(0.5)  # q = floor(x / scale + zero + 1/2)
+    scales[r], zeros[r] = scale, zero
+    if t_pad == t:  # no padding: one loop the compiler vectorises
+        for i in range(x.size):
+            out[i] = np.uint8(np.int32(min(max(x[i] * inv + shift, np.float32(0.0)), np.float32(255.0))))
+        return
     for tile in range(x.size // t):
         src, dst = x[tile * t:(tile + 1) * t], out[tile * t_pad:(tile + 1) * t_pad]
         for i in range(t):
             dst[i] = np.uint8(np.int32(min(max(src[i] * inv + shift, np.float32(0.0)), np.float32(255.0))))
         for i in range(t, t_pad):
             dst[i] = 0
-    scales[r], zeros[r] = scale, zero
 
 
-def _layers(x, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16, int8):
+def _layers(x, weights, biases, tiles, meta, threads, code, code_fp32, panel_width, max_rows, bf16, int8):
     """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row): the logits.
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
     input tiles tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
     (o' * C + c) * k * t * panel] (o' = o, or 0 where the tiles share one set of weights: the encoder), holds
-    units o*t_out + panel*c .. +panel. Rows go in near-equal chunks of at
+    units o*t_out + panel*c .. +panel; a layer with float_weights set (the encoder at bf16 and int8) has float32
+    panels in ``biases`` instead and runs the fp32 kernel on unconverted input. Rows go in near-equal chunks of at
     most max_rows; compiled parallel (``_layers_parallel``) the jobs are panels, or panels x row chunks where
-    there are too few panels for the threads. ``code`` (an index into VARIANTS) must be a compile-time
-    constant: it picks the micro-kernel."""
+    there are too few panels for the threads. ``code`` and ``code_fp32`` (indices into VARIANTS: the micro-kernel,
+    and the fp32 one of the same ISA) must be compile-time constants."""
     h = x
     last = meta.shape[0] - 1
     for li in range(last + 1):
-        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off, shared = (
+        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off, shared, float_weights = (
             meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
-            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10], meta[li, 11])
+            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12])
         rows_in = h.shape[0]
         scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
         zeros = np.empty(rows_in if int8 else 0, np.float32)
-        if bf16:  # the input in bf16 pairs, every input tile padded to even length
+        if float_weights:
+            xin = h
+        elif bf16:  # the input in bf16 pairs, every input tile padded to even length
             xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
             for r in prange(rows_in):
                 _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
         elif int8:  # the input in uint8 quads, every input tile padded to a multiple of 4
             xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 4), np.float32)
             for r in prange(rows_in):
-                _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r)
+                _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r, li == 0)
         else:
             xin = h
         out = np.empty((rows_in, width_out), np.float32)
@@ -374,15 +402,18 @@ def _layers(x, weights, biases, tiles, meta, threads, code, panel_width, max_row
             b0 = first * small + min(first, extra)
             for chunk in range(first, stop):
                 rows = small + (1 if chunk < extra else 0)
-                if width == panel_width:
-                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                            dest, b0 * ldo + col, ldo, s_off + col, c_off + col, scales, zeros, b0)
-                else:  # a panel cut short by the tile or layer end (rare: allocated only here)
-                    acc = np.empty(max_rows * panel_width, np.float32)
-                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases, b_off + col, lo,
-                            acc, 0, panel_width, s_off + col, c_off + col, scales, zeros, b0)
+                full = width == panel_width  # else a panel cut short by the tile or layer end (rare)
+                target = dest if full else np.empty(max_rows * panel_width, np.float32)
+                at, ld = (b0 * ldo + col, ldo) if full else (0, panel_width)
+                if float_weights:
+                    _kernel(numba.literally(code_fp32), rows, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                            b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0)
+                else:
+                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                            b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0)
+                if not full:
                     for r in range(rows):
-                        out[b0 + r, col:col + width] = acc[r * panel_width:r * panel_width + width]
+                        out[b0 + r, col:col + width] = target[r * panel_width:r * panel_width + width]
                 b0 += rows
         h = out
     return h
@@ -417,6 +448,7 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     output), so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
     code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
+    code_fp32 = VARIANTS.index((isa_name, "fp32"))
     bf16, int8 = precision == "bf16", precision == "int8"
     split_rows = SPLIT_ROWS
 
@@ -426,13 +458,14 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
             out = np.empty((n, meta[meta.shape[0] - 1, 7]), np.float32)
             for part in prange(threads):
                 lo, hi = part * n // threads, (part + 1) * n // threads
-                out[lo:hi] = _layers_serial(x[lo:hi], weights, biases, tiles, meta, 1, code, panel_width,
+                out[lo:hi] = _layers_serial(x[lo:hi], weights, biases, tiles, meta, 1, code, code_fp32, panel_width,
                                             max_rows, bf16, int8)
             return out
         if parallel:
-            return _layers_parallel(x, weights, biases, tiles, meta, threads, code, panel_width, max_rows, bf16,
-                                    int8)
-        return _layers_serial(x, weights, biases, tiles, meta, 1, code, panel_width, max_rows, bf16, int8)
+            return _layers_parallel(x, weights, biases, tiles, meta, threads, code, code_fp32, panel_width, max_rows,
+                                    bf16, int8)
+        return _layers_serial(x, weights, biases, tiles, meta, 1, code, code_fp32, panel_width, max_rows, bf16,
+                              int8)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
     # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
@@ -523,7 +556,7 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
-        "scale_offset", "colsum_offset", "shared_weights")
+        "scale_offset", "colsum_offset", "shared_weights", "float_weights")
 
 
 def _aligned(size: int, dtype, line: int) -> np.ndarray:
@@ -560,7 +593,9 @@ class FusedNet:
             raise ValueError(f"fused: threads must be 1..{numba.config.NUMBA_NUM_THREADS} (numba's thread count), "
                              f"got {threads}")
         self.isa, self.precision, self.threads = ISAS[isa], precision, threads
-        layers = [_encoder(packed, self.isa, precision),
+        # The encoder stays fp32 at every precision: its input tiles (p pixels) would need padding to the
+        # kernel's pairs/quads, a per-value copy that cost more than its multiply-adds (a few % of the model's).
+        layers = [_encoder(packed, self.isa, "fp32"),
                   *(_layer(l, self.isa, precision) for l in packed.layers),
                   _dense(packed.head_weight, packed.head_bias, self.isa, precision)]
         dtype = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}[precision]
@@ -568,15 +603,17 @@ class FusedNet:
         line, bline = 64 // np.dtype(dtype).itemsize, 16  # elements per 64-byte cache line
         segments, meta, w_size, b_size, t_off = [], [], 0, 0, 0
         for li, ((panels, scale, colsum), idx, t_in, t_out, bias, width) in enumerate(layers):
+            floats = li == 0 and precision != "fp32"  # fp32 panels among the float32 values
             offsets = []
-            for values in (bias, scale, colsum):  # per output unit, in the float32 buffer ``biases``
+            for values in (bias, scale, colsum, *((panels,) if floats else ())):  # in the float32 buffer ``biases``
                 segments.append(("biases", b_size, values))
                 offsets.append(b_size)
                 b_size += -(-values.size // bline) * bline + self.isa.panel  # the kernel reads a panel anywhere
-            segments.append(("weights", w_size, panels))
-            meta.append((w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width, -(-t_in // group) * group,
-                         offsets[1], offsets[2], li == 0))
-            w_size += -(-panels.size // line) * line
+            if not floats:
+                segments.append(("weights", w_size, panels))
+            meta.append((offsets[3] if floats else w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width,
+                         t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats))
+            w_size += 0 if floats else -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
         for buffer, off, values in segments:
