@@ -79,10 +79,25 @@ def test_threads_give_the_same_logits_as_one_thread(precision):
     packed = pack_model(_model(granularity="block"), "auto")
     one = FusedNet(packed, precision=precision)
     two = FusedNet(packed, precision=precision, threads=2)
-    for batch in (1, 5, 16, 17, 64):  # < 16 rows: panels (and row chunks) shared out; more: split by rows
+    for batch in (1, 5, 16, 17, 64):  # few panels (the head): row chunks shared out as well
         x = np.random.default_rng(batch).standard_normal((batch, *one.input_shape)).astype(np.float32)
         assert np.array_equal(one(x), two(x)), batch
     assert two.variant["threads"] == 2 and two.variant["isa"] == host_isa()
+
+
+def test_shared_work_finishes_when_one_thread_runs_every_part():
+    """The threads claim panels from shared counters and wait only for claimed work: if the runtime gives the
+    parallel region fewer threads than parts (nested, or a capped pool), one thread does it all, no deadlock."""
+    import numba
+    packed = pack_model(_model(granularity="block"), "auto")
+    one, two = FusedNet(packed), FusedNet(packed, threads=2)
+    x = np.random.default_rng(0).standard_normal((7, *one.input_shape)).astype(np.float32)
+    numba.set_num_threads(1)
+    try:  # the parallel forward, told of 2 parts, on a pool of 1 thread: part 0 claims everything
+        logits = two._forward(x.reshape(7, -1), two.weights, two.biases, two.tiles, two.meta, 2)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(logits, one(x))
 
 
 @pytest.mark.parametrize("row", [np.full(6, -0.8), np.full(6, 2.0), np.zeros(6), np.linspace(-1, 3, 6)])

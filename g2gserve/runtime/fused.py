@@ -17,8 +17,9 @@ the head, and every one of them is the same loop over *panels*:
 
 The vector width and register blocking (``ISAS``) are chosen once, at load, for the CPU (``host_isa``):
 16-float vectors and a 12 x 32 tile where AVX-512 is present (32 vector registers), 8-float vectors and
-6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON). With ``threads`` > 1 the panels
-(and, where there are few, the row chunks) of every layer are shared out with numba's ``prange``.
+6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON). With ``threads`` > 1 the threads
+claim the panels (and, where there are few, the row chunks) of every layer from shared counters, in one
+parallel region (``_share``).
 ``precision="bf16"`` (AVX512-BF16 only) stores the panels as bfloat16 pairs and runs ``vdpbf16ps``
 (two products per lane, fp32 sums): the activations are rounded to bf16 on their way into each layer.
 ``precision="int8"`` (AVX512-VNNI only) stores int8 quads with a scale per output unit and runs
@@ -71,7 +72,7 @@ ISAS = {
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
 PRECISIONS = ("fp32", "bf16", "int8")
-SPLIT_ROWS = 8  # with threads, batches of at least this many rows per thread are split by rows (else panels)
+PREFETCH_BYTES = 4096  # how far ahead of the panel row being read the kernel prefetches (2+ rows; see _emit_kernel)
 
 
 def host_features() -> set[str]:
@@ -133,6 +134,8 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
     load_vec = lambda p, ty: builder.load(builder.bitcast(p, ty.as_pointer()), typ=ty, align=4)  # noqa: E731
     x_base, tiles_ptr = at(data(4), x_off_v), data(7)
     undef_f, undef_i = ir.Constant(fvec, ir.Undefined), ir.Constant(ivec, ir.Undefined)
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
     splat = ir.Constant(ir.VectorType(_I32, vec), [0] * vec)
     if bf16:  # bf16 pairs passed as i32 lanes: LLVM 15's signature, which newer LLVMs upgrade to <32 x bfloat>
         dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, ivec, ivec]),
@@ -159,6 +162,11 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
 
         def step(w_base, x_rows, i, slots, rows=rows):  # slots[nv*r + c] += x[r, i] * w[i, c*vec : +vec]
             w_row = at(w_base, builder.mul(i, const(row_len)), w_type)
+            if rows > 1:  # the weights PREFETCH_BYTES ahead (past the panel: the next one, which follows in memory)
+                size = {1: 4, 2: 2, 4: 1}[group]  # bytes per weight
+                for line in range(0, row_len * size, 64):
+                    ahead = builder.bitcast(at(w_row, const((PREFETCH_BYTES + line) // size), w_type), _I8.as_pointer())
+                    builder.call(prefetch, [ahead, *(ir.Constant(_I32, v) for v in (0, 2, 1))])  # read, L2, data
             if group > 1:
                 w_vecs = [load_vec(at(w_row, const(group * vec * c), w_type), ivec) for c in range(nv)]
             else:
@@ -349,88 +357,209 @@ def _to_u8(x, t, t_pad, out, scales, zeros, r, signed):
             dst[i] = 0
 
 
-def _layers(x, weights, biases, tiles, meta, threads, code, code_fp32, panel_width, max_rows, bf16, int8):
-    """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row): the logits.
+def _sync_intrinsics():
+    """Atomic fetch-add, atomic load and a spin-wait hint on int64 counters: what threads need to share the work of
+    one parallel region (numba has no atomics of its own)."""
+    import platform
+    pause = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+    def element(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.gep(array.data, [args[1]], source_etype=ir.IntType(64))
+
+    def check(counters):
+        if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.layout == "C"):
+            raise numba.core.errors.TypingError("counters must be a C-contiguous int64 array")
+
+    @intrinsic
+    def fetch_add(typingctx, counters, i):
+        """counters[i] += 1 (sequentially consistent); returns the old value."""
+        check(counters)
+
+        def codegen(context, builder, signature, args):
+            return builder.atomic_rmw("add", element(context, builder, signature, args),
+                                      ir.Constant(ir.IntType(64), 1), "seq_cst")
+        return types.int64(counters, types.intp), codegen
+
+    @intrinsic
+    def wait_for(typingctx, counters, i, value):
+        """Spin until counters[i] >= value (acquire loads, a ``pause`` per try on x86)."""
+        check(counters)
+
+        def codegen(context, builder, signature, args):
+            ptr = element(context, builder, signature, args)
+            target = context.cast(builder, args[2], signature.args[2], types.int64)
+            spin, done = builder.append_basic_block("wait.spin"), builder.append_basic_block("wait.done")
+            builder.branch(spin)
+            builder.position_at_end(spin)
+            current = builder.load_atomic(ptr, "acquire", 8, typ=ir.IntType(64))
+            if pause:
+                builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                            "llvm.x86.sse2.pause"), [])
+            builder.cbranch(builder.icmp_signed(">=", current, target), done, spin)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+        return types.void(counters, types.intp, value), codegen
+
+    return fetch_add, wait_for
+
+
+_fetch_add, _wait_for = _sync_intrinsics()
+
+
+@_njit
+def _plan(x, meta, panel_width, max_rows, threads, bf16, int8):
+    """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
+    uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
+    into jobs: (n_layers, 2) = panels, row parts per panel (several where there are too few panels for the
+    threads)."""
+    rows, n_layers = x.shape[0], meta.shape[0]
+    offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 2), np.int64)
+    width, size = x.shape[1], 0
+    for li in range(n_layers):
+        t_in, t_out, width_out, t, floats = meta[li, 5], meta[li, 6], meta[li, 7], meta[li, 8], meta[li, 12]
+        staged = (bf16 or int8) and not floats
+        group = 2 if bf16 else 4
+        offsets[li, 0] = size
+        size += rows * ((width // t_in) * t // group) if staged else 0
+        offsets[li, 1] = size
+        size += 2 * rows if int8 and staged else 0
+        offsets[li, 2] = size
+        size += rows * width_out
+        n_jobs = meta[li, 3] * ((t_out + panel_width - 1) // panel_width)
+        chunks = (rows + max_rows - 1) // max_rows
+        jobs[li, 0] = n_jobs
+        jobs[li, 1] = min(chunks, (4 * threads + n_jobs - 1) // n_jobs) if threads > 1 and n_jobs < 4 * threads else 1
+        width = width_out
+    offsets[n_layers, 0] = size
+    return offsets, jobs
+
+
+@_njit
+def _stage(li, h, meta, scratch, offsets, counters, claim, bf16, int8):
+    """Layer li's input rows in the kernel's precision (bf16 pairs / uint8 quads, tiles padded): every row, or with
+    ``claim`` the rows this thread claims from counters[4*li] (counted done in counters[4*li + 1])."""
+    t_in, t = meta[li, 5], meta[li, 8]
+    rows = h.shape[0]
+    n = (h.shape[1] // t_in) * t // (2 if bf16 else 4)
+    staged = scratch[offsets[li, 0]:offsets[li, 0] + rows * n]
+    params = scratch[offsets[li, 1]:offsets[li, 1] + 2 * rows]
+    scales, zeros = params[:rows], params[rows:]
+    r = -1
+    while True:
+        r = _fetch_add(counters, 4 * li) if claim else r + 1
+        if r >= rows:
+            return
+        row = staged[r * n:(r + 1) * n]
+        if bf16:
+            _to_bf16(h[r], t_in, t, row.view(np.uint16))
+        else:
+            _to_u8(h[r], t_in, t, row.view(np.uint8), scales, zeros, r, li == 0)
+        if claim:
+            _fetch_add(counters, 4 * li + 1)
+
+
+@_njit
+def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, claim, code, code_fp32,
+          panel_width, max_rows, bf16, int8):
+    """Layer li's jobs (see ``_plan``): each one panel of one output tile for a part of the rows, through the
+    micro-kernel, straight into the layer's output (bias, ReLU but on the head). Every job, or with ``claim`` the
+    jobs this thread claims from counters[4*li + 2] (counted done in counters[4*li + 3]). One call per layer, not
+    per job: a call passing arrays costs reference counting per array, ~10 us a forward at batch 1."""
+    w_off, b_off, t_off, k, t_in, t_out, width_out, t, s_off, c_off, shared, floats = (
+        meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 4], meta[li, 5], meta[li, 6], meta[li, 7], meta[li, 8],
+        meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12])
+    rows = h.shape[0]
+    staged = (bf16 or int8) and not floats
+    ldx = (h.shape[1] // t_in) * t // (2 if bf16 else 4) if staged else h.shape[1]
+    flat = scratch[offsets[li, 0]:offsets[li, 0] + rows * ldx] if staged else h.reshape(-1)
+    params = scratch[offsets[li, 1]:offsets[li, 1] + 2 * rows]
+    scales, zeros = params[:rows], params[rows:]
+    dest = scratch[offsets[li, 2]:offsets[li, 2] + rows * width_out]
+    n_panels, parts = (t_out + panel_width - 1) // panel_width, jobs[li, 1]
+    panel_size = k * t * panel_width  # bf16: t/2 input pairs x 2*panel values
+    lo = np.float32(0.0) if li < meta.shape[0] - 1 else np.float32(-np.inf)  # ReLU but on the head
+    chunks = (rows + max_rows - 1) // max_rows
+    small, extra = rows // chunks, rows % chunks
+    job = -1
+    while True:
+        job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
+        if job >= jobs[li, 0] * parts:
+            return
+        o, c, part = job // parts // n_panels, job // parts % n_panels, job % parts
+        live = tiles[t_off + o * k:t_off + (o + 1) * k]
+        col = o * t_out + c * panel_width
+        width = min(panel_width, t_out - c * panel_width, width_out - col)
+        base = w_off + ((0 if shared else o) * n_panels + c) * panel_size
+        first, stop = part * chunks // parts, (part + 1) * chunks // parts
+        b0 = first * small + min(first, extra)
+        for chunk in range(first, stop):
+            n = small + (1 if chunk < extra else 0)
+            full = width == panel_width  # else a panel cut short by the tile or layer end (rare)
+            target = dest if full else np.empty(max_rows * panel_width, np.float32)
+            at, ld = (b0 * width_out + col, width_out) if full else (0, panel_width)
+            if floats:
+                _kernel(numba.literally(code_fp32), n, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                        b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0)
+            else:
+                _kernel(numba.literally(code), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0)
+            if not full:
+                for r in range(n):
+                    dest[(b0 + r) * width_out + col:(b0 + r) * width_out + col + width] = \
+                        target[r * panel_width:r * panel_width + width]
+            b0 += n
+        if claim:
+            _fetch_add(counters, 4 * li + 3)
+
+
+@_njit
+def _output(li, x, scratch, offsets, meta):
+    """Layer li's output (li = -1: the input ``x``), (rows, width)."""
+    if li < 0:
+        return x
+    return scratch[offsets[li, 2]:offsets[li, 2] + x.shape[0] * meta[li, 7]].reshape(x.shape[0], meta[li, 7])
+
+
+@_njit
+def _layers(x, weights, biases, tiles, meta, code, code_fp32, panel_width, max_rows, bf16, int8):
+    """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row), one thread.
+
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
     input tiles tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
     (o' * C + c) * k * t * panel] (o' = o, or 0 where the tiles share one set of weights: the encoder), holds
     units o*t_out + panel*c .. +panel; a layer with float_weights set (the encoder at bf16 and int8) has float32
-    panels in ``biases`` instead and runs the fp32 kernel on unconverted input. Rows go in near-equal chunks of at
-    most max_rows; compiled parallel (``_layers_parallel``) the jobs are panels, or panels x row chunks where
-    there are too few panels for the threads. ``code`` and ``code_fp32`` (indices into VARIANTS: the micro-kernel,
-    and the fp32 one of the same ISA) must be compile-time constants."""
-    h = x
-    last = meta.shape[0] - 1
-    for li in range(last + 1):
-        w_off, b_off, t_off, n_tiles, k, t_in, t_out, width_out, t, s_off, c_off, shared, float_weights = (
-            meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 5], meta[li, 6],
-            meta[li, 7], meta[li, 8], meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12])
-        rows_in = h.shape[0]
-        scales = np.empty(rows_in if int8 else 0, np.float32)  # int8: each row's scale and zero point
-        zeros = np.empty(rows_in if int8 else 0, np.float32)
-        if float_weights:
-            xin = h
-        elif bf16:  # the input in bf16 pairs, every input tile padded to even length
-            xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 2), np.float32)
-            for r in prange(rows_in):
-                _to_bf16(h[r], t_in, t, xin[r].view(np.uint16))
-        elif int8:  # the input in uint8 quads, every input tile padded to a multiple of 4
-            xin = np.empty((rows_in, (h.shape[1] // t_in) * t // 4), np.float32)
-            for r in prange(rows_in):
-                _to_u8(h[r], t_in, t, xin[r].view(np.uint8), scales, zeros, r, li == 0)
-        else:
-            xin = h
-        out = np.empty((rows_in, width_out), np.float32)
-        ldx, ldo = xin.shape[1], width_out
-        flat, dest = xin.reshape(-1), out.reshape(-1)
-        n_panels = (t_out + panel_width - 1) // panel_width
-        panel_size = k * t * panel_width  # bf16: t/2 input pairs x 2*panel values
-        lo = np.float32(0.0) if li < last else np.float32(-np.inf)  # ReLU but on the head
-        chunks = (rows_in + max_rows - 1) // max_rows
-        jobs = n_tiles * n_panels
-        parts = 1
-        if threads > 1 and jobs < 4 * threads:  # (numba.get_num_threads() here would defeat the disk cache)
-            parts = min(chunks, (4 * threads + jobs - 1) // jobs)
-        small, extra = rows_in // chunks, rows_in % chunks
-        for job in prange(jobs * parts):
-            o, c, part = job // parts // n_panels, job // parts % n_panels, job % parts
-            live = tiles[t_off + o * k:t_off + (o + 1) * k]
-            col = o * t_out + c * panel_width
-            width = min(panel_width, t_out - c * panel_width, ldo - col)
-            base = w_off + ((0 if shared else o) * n_panels + c) * panel_size
-            first, stop = part * chunks // parts, (part + 1) * chunks // parts
-            b0 = first * small + min(first, extra)
-            for chunk in range(first, stop):
-                rows = small + (1 if chunk < extra else 0)
-                full = width == panel_width  # else a panel cut short by the tile or layer end (rare)
-                target = dest if full else np.empty(max_rows * panel_width, np.float32)
-                at, ld = (b0 * ldo + col, ldo) if full else (0, panel_width)
-                if float_weights:
-                    _kernel(numba.literally(code_fp32), rows, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                            b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0)
-                else:
-                    _kernel(numba.literally(code), rows, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                            b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0)
-                if not full:
-                    for r in range(rows):
-                        out[b0 + r, col:col + width] = target[r * panel_width:r * panel_width + width]
-                b0 += rows
-        h = out
-    return h
+    panels in ``biases`` instead and runs the fp32 kernel on unconverted input. Rows go in near-equal chunks of
+    at most max_rows. ``code`` and ``code_fp32`` (indices into VARIANTS: the micro-kernel, and the fp32 one of the
+    same ISA) must be compile-time constants."""
+    offsets, jobs = _plan(x, meta, panel_width, max_rows, 1, bf16, int8)
+    scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
+    none = np.zeros(0, np.int64)
+    for li in range(meta.shape[0]):
+        h = _output(li - 1, x, scratch, offsets, meta)
+        if (bf16 or int8) and not meta[li, 12]:
+            _stage(li, h, meta, scratch, offsets, none, False, bf16, int8)
+        _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, panel_width,
+              max_rows, bf16, int8)
+    return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
 
-def _named(function, name: str):
-    """A copy of ``function`` under another name: numba keys its disk cache on the qualified name, so the serial
-    and the parallel compilation of one source each need their own."""
-    import types as pytypes
-    copy = pytypes.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
-                                function.__closure__)
-    copy.__qualname__, copy.__doc__ = name, function.__doc__
-    return copy
-
-
-_layers_serial = _njit(_named(_layers, "_layers_serial"))
-_layers_parallel = _njit(parallel=True)(_named(_layers, "_layers_parallel"))
+@_njit
+def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, panel_width,
+           max_rows, bf16, int8):
+    """One thread's part of ``_layers`` with several threads: every step (a layer's staging, then its panels) is a
+    list of items that the threads claim one at a time from a shared counter and count when done; a thread that
+    finds none left waits until all are done, then goes on to the next step. All threads meet once per step, in
+    one parallel region (a region per layer cost ~10-20 us each), every panel is read by one thread only, and
+    no thread ever waits for work that nobody has claimed, so it finishes even if only one thread runs."""
+    for li in range(meta.shape[0]):
+        h = _output(li - 1, x, scratch, offsets, meta)
+        if (bf16 or int8) and not meta[li, 12]:
+            _stage(li, h, meta, scratch, offsets, counters, True, bf16, int8)
+            _wait_for(counters, 4 * li + 1, h.shape[0])
+        _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, True, code, code_fp32,
+              panel_width, max_rows, bf16, int8)
+        _wait_for(counters, 4 * li + 3, jobs[li, 0] * jobs[li, 1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,33 +568,26 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
 
     A closure per variant, so every variant can be compiled and tested in one process. It captures only
     plain constants (numba's disk cache keys a closure on them; a captured function would have a
-    process-unique identity and never hit the cache) and calls the module-level ``_layers_*``.
+    process-unique identity and never hit the cache) and calls the module-level functions above.
 
-    In parallel, a batch of at least SPLIT_ROWS rows per thread is split by rows, each slice through the whole
-    serial network on its own thread, in one parallel region: numba opens and joins a parallel region in tens of
-    microseconds, which sharing every layer's panels paid once per layer. Smaller batches share the panels.
-    The rows of a slice are chunked as the whole batch is (every chunk of at least 5 rows, one set of sums per
-    output), so the logits are bit-identical to one thread's."""
+    In parallel, ``threads`` threads run ``_share`` in one parallel region over buffers planned beforehand: each
+    panel is claimed by one thread for all the rows (its weights read once), and every job is the one-thread job,
+    so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
     code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
     code_fp32 = VARIANTS.index((isa_name, "fp32"))
     bf16, int8 = precision == "bf16", precision == "int8"
-    split_rows = SPLIT_ROWS
 
     def forward(x, weights, biases, tiles, meta, threads):
-        n = x.shape[0]
-        if parallel and n >= split_rows * threads:
-            out = np.empty((n, meta[meta.shape[0] - 1, 7]), np.float32)
-            for part in prange(threads):
-                lo, hi = part * n // threads, (part + 1) * n // threads
-                out[lo:hi] = _layers_serial(x[lo:hi], weights, biases, tiles, meta, 1, code, code_fp32, panel_width,
-                                            max_rows, bf16, int8)
-            return out
-        if parallel:
-            return _layers_parallel(x, weights, biases, tiles, meta, threads, code, code_fp32, panel_width, max_rows,
-                                    bf16, int8)
-        return _layers_serial(x, weights, biases, tiles, meta, 1, code, code_fp32, panel_width, max_rows, bf16,
-                              int8)
+        if not parallel:
+            return _layers(x, weights, biases, tiles, meta, code, code_fp32, panel_width, max_rows, bf16, int8)
+        offsets, jobs = _plan(x, meta, panel_width, max_rows, threads, bf16, int8)
+        scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
+        counters = np.zeros(4 * meta.shape[0], np.int64)
+        for _ in prange(threads):
+            _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, panel_width,
+                   max_rows, bf16, int8)
+        return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
     # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
