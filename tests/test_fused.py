@@ -49,6 +49,18 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
             assert err < 1e-4, (kw, fmt, batch, err)
 
 
+def test_narrow_panels_where_one_vector_holds_a_tile():
+    """Output tiles of at most one vector (the 10-class head, block tiles of 8 or 16 at AVX-512) get one-vector
+    panels and the narrow kernel (the parity tests above run them); the encoder always full panels."""
+    narrow, panel = META.index("narrow"), META.index("panel")
+    isa = ISAS[host_isa()]
+    for block in (8, 16):
+        net = FusedNet(pack_model(_model(granularity="block", block_size=block), "auto"))
+        assert net.meta[0, narrow] == 0 and net.meta[0, panel] == isa.panel  # the encoder
+        assert (net.meta[1:-1, narrow] == int(block <= isa.vec)).all(), block
+        assert net.meta[-1, narrow] == 1 and net.meta[-1, panel] == isa.vec  # 10 classes
+
+
 @pytest.mark.parametrize("isa,precision", VARIANTS)
 def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
     """Every vector width / tile / precision, on odd shapes (tiles of 1, 23 units) and block tiles; the
@@ -58,7 +70,7 @@ def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
             pytest.skip(f"{precision} needs AVX512-BF16 / AVX512-VNNI, which this CPU lacks")
         forward = _compiled(isa, precision, False)
         net = FusedNet(pack_model(_model(granularity="block"), "auto"), isa=host_isa())
-        forward.compile(tuple(numba.typeof(a) for a in (np.zeros((1, *net.input_shape), np.float32), net.patch_size,
+        forward.compile(tuple(numba.typeof(a) for a in (np.zeros((1, int(np.prod(net.input_shape))), np.float32),
                                                           net.weights, net.biases, net.tiles, net.meta, 1)))
         return
     bound = 1e-4 if precision == "fp32" else None  # bf16 (8-bit mantissa), int8: relative to the logits

@@ -36,7 +36,7 @@ The first call compiles (seconds per variant); numba caches the machine code on 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -117,6 +117,10 @@ _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the 
 
 VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
                  if precision == "fp32" or isa == "avx512")
+# The compiled micro-kernels: every variant at its full tile, and narrow (one vector of outputs per panel) for
+# layers with at most one vector of outputs, the head of a 10-class model: a 32-wide panel there would read and
+# multiply three times its 10 live columns (the head's padding was 3% of the sparse model's weight bytes).
+KERNELS = tuple((isa, precision, vectors) for isa, precision in VARIANTS for vectors in (ISAS[isa].vectors, 1))
 
 
 def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) -> None:
@@ -235,7 +239,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
     units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
-    ``VARIANTS``) picks the vector width, tile and precision.
+    ``KERNELS``) picks the vector width, tile and precision.
 
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
@@ -252,9 +256,9 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     for whole panels, so a panel costs one call and nothing else. With few rows there are too few
     independent sums to hide the FMA latency, so consecutive inputs go to ``splits`` separate sets of
     sums, added up at the end."""
-    if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(VARIANTS):
-        raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into VARIANTS")
-    isa_name, precision = VARIANTS[variant.literal_value]
+    if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(KERNELS):
+        raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into KERNELS")
+    isa_name, precision, vectors = KERNELS[variant.literal_value]
     wtype = {"fp32": types.float32, "bf16": types.uint16, "int8": types.int8}[precision]
     arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32,
               rs: types.float32, rz: types.float32}
@@ -268,7 +272,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
                      dest_off, ld, s_off, c_off, rs, rz, row0)
 
     def codegen(context, builder, signature, args):
-        _emit_kernel(ISAS[isa_name], precision, context, builder, signature, args)
+        _emit_kernel(replace(ISAS[isa_name], vectors=vectors), precision, context, builder, signature, args)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -408,7 +412,7 @@ _fetch_add, _wait_for = _sync_intrinsics()
 
 
 @_njit
-def _plan(x, meta, panel_width, max_rows, threads, bf16, int8):
+def _plan(x, meta, max_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
     into jobs: (n_layers, 2) = panels, row parts per panel (several where there are too few panels for the
@@ -426,7 +430,7 @@ def _plan(x, meta, panel_width, max_rows, threads, bf16, int8):
         size += 2 * rows if int8 and staged else 0
         offsets[li, 2] = size
         size += rows * width_out
-        n_jobs = meta[li, 3] * ((t_out + panel_width - 1) // panel_width)
+        n_jobs = meta[li, 3] * ((t_out + meta[li, 13] - 1) // meta[li, 13])
         chunks = (rows + max_rows - 1) // max_rows
         jobs[li, 0] = n_jobs
         jobs[li, 1] = min(chunks, (4 * threads + n_jobs - 1) // n_jobs) if threads > 1 and n_jobs < 4 * threads else 1
@@ -461,14 +465,14 @@ def _stage(li, h, meta, scratch, offsets, counters, claim, bf16, int8):
 
 @_njit
 def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, claim, code, code_fp32,
-          panel_width, max_rows, bf16, int8):
+          code_narrow, max_rows, bf16, int8):
     """Layer li's jobs (see ``_plan``): each one panel of one output tile for a part of the rows, through the
     micro-kernel, straight into the layer's output (bias, ReLU but on the head). Every job, or with ``claim`` the
     jobs this thread claims from counters[4*li + 2] (counted done in counters[4*li + 3]). One call per layer, not
     per job: a call passing arrays costs reference counting per array, ~10 us a forward at batch 1."""
-    w_off, b_off, t_off, k, t_in, t_out, width_out, t, s_off, c_off, shared, floats = (
+    w_off, b_off, t_off, k, t_in, t_out, width_out, t, s_off, c_off, shared, floats, panel_width, narrow = (
         meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 4], meta[li, 5], meta[li, 6], meta[li, 7], meta[li, 8],
-        meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12])
+        meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12], meta[li, 13], meta[li, 14])
     rows = h.shape[0]
     staged = (bf16 or int8) and not floats
     ldx = (h.shape[1] // t_in) * t // (2 if bf16 else 4) if staged else h.shape[1]
@@ -501,6 +505,9 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             if floats:
                 _kernel(numba.literally(code_fp32), n, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
                         b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0)
+            elif narrow:
+                _kernel(numba.literally(code_narrow), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0)
             else:
                 _kernel(numba.literally(code), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
                         b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0)
@@ -522,30 +529,31 @@ def _output(li, x, scratch, offsets, meta):
 
 
 @_njit
-def _layers(x, weights, biases, tiles, meta, code, code_fp32, panel_width, max_rows, bf16, int8):
+def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_rows, bf16, int8):
     """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row), one thread.
 
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
     input tiles tiles[tiles_off + o*k ...] (t units each in the layer's input); its panel c, at weights[w_off +
     (o' * C + c) * k * t * panel] (o' = o, or 0 where the tiles share one set of weights: the encoder), holds
-    units o*t_out + panel*c .. +panel; a layer with float_weights set (the encoder at bf16 and int8) has float32
+    units o*t_out + panel*c .. +panel (panel: the layer's; narrow set: one vector, its own kernel); a layer with
+    float_weights set (the encoder at bf16 and int8) has float32
     panels in ``biases`` instead and runs the fp32 kernel on unconverted input. Rows go in near-equal chunks of
-    at most max_rows. ``code`` and ``code_fp32`` (indices into VARIANTS: the micro-kernel, and the fp32 one of the
-    same ISA) must be compile-time constants."""
-    offsets, jobs = _plan(x, meta, panel_width, max_rows, 1, bf16, int8)
+    at most max_rows. ``code``, ``code_fp32`` and ``code_narrow`` (indices into KERNELS: the micro-kernel, the
+    fp32 one of the same ISA, the narrow one) must be compile-time constants."""
+    offsets, jobs = _plan(x, meta, max_rows, 1, bf16, int8)
     scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
     none = np.zeros(0, np.int64)
     for li in range(meta.shape[0]):
         h = _output(li - 1, x, scratch, offsets, meta)
         if (bf16 or int8) and not meta[li, 12]:
             _stage(li, h, meta, scratch, offsets, none, False, bf16, int8)
-        _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, panel_width,
+        _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, code_narrow,
               max_rows, bf16, int8)
     return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
 
 @_njit
-def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, panel_width,
+def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
            max_rows, bf16, int8):
     """One thread's part of ``_layers`` with several threads: every step (a layer's staging, then its panels) is a
     list of items that the threads claim one at a time from a shared counter and count when done; a thread that
@@ -558,7 +566,7 @@ def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, co
             _stage(li, h, meta, scratch, offsets, counters, True, bf16, int8)
             _wait_for(counters, 4 * li + 1, h.shape[0])
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, True, code, code_fp32,
-              panel_width, max_rows, bf16, int8)
+              code_narrow, max_rows, bf16, int8)
         _wait_for(counters, 4 * li + 3, jobs[li, 0] * jobs[li, 1])
 
 
@@ -574,18 +582,18 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     panel is claimed by one thread for all the rows (its weights read once), and every job is the one-thread job,
     so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
-    code, panel_width, max_rows = VARIANTS.index((isa_name, precision)), isa.panel, isa.max_rows
-    code_fp32 = VARIANTS.index((isa_name, "fp32"))
+    code, max_rows = KERNELS.index((isa_name, precision, isa.vectors)), isa.max_rows
+    code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors)), KERNELS.index((isa_name, precision, 1))
     bf16, int8 = precision == "bf16", precision == "int8"
 
     def forward(x, weights, biases, tiles, meta, threads):
         if not parallel:
-            return _layers(x, weights, biases, tiles, meta, code, code_fp32, panel_width, max_rows, bf16, int8)
-        offsets, jobs = _plan(x, meta, panel_width, max_rows, threads, bf16, int8)
+            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_rows, bf16, int8)
+        offsets, jobs = _plan(x, meta, max_rows, threads, bf16, int8)
         scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
         counters = np.zeros(4 * meta.shape[0], np.int64)
         for _ in prange(threads):
-            _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, panel_width,
+            _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
                    max_rows, bf16, int8)
         return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
@@ -606,7 +614,7 @@ def _per_output(values: np.ndarray, t_out: int) -> np.ndarray:
     return out.reshape(-1)
 
 
-def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str) -> tuple:
+def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str, width: int | None = None) -> tuple:
     """[O, k*t_in, t_out] (per output tile, input unit major) -> (flat panels, scales, column sums).
 
     fp32: panels [O, ceil(t_out/panel), k*t_in, panel] float32, zero-padded. bf16: every input tile padded to
@@ -615,7 +623,7 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str)
     than per panel), tiles padded to a multiple of 4, quads interleaved, [O, C, k*t_pad/4, panel, 4] int8;
     scales and the int8 column sums per output unit. Other precisions: empty scales and sums."""
     n_tiles, rows, _ = blocks.shape
-    width = isa.panel
+    width = isa.panel if width is None else width
     n_panels = -(-t_out // width)
     out = np.zeros((n_tiles, n_panels, rows, width), np.float32)
     for c in range(n_panels):
@@ -643,15 +651,21 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str)
     return bits, none, none
 
 
+def _panel_width(isa: Isa, t_out: int) -> int:
+    """Outputs per panel for output tiles of t_out units: one vector (the narrow kernel) where that holds them all."""
+    return isa.vec if t_out <= isa.vec else isa.panel
+
+
 def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tuple:
-    """A dense [out, in] weight as panels over one input tile spanning all inputs."""
+    """A dense [out, in] weight as panels over one input tile spanning all inputs (tiles of one panel)."""
     n_out, n_in = weight.shape
-    width = isa.panel
+    width = _panel_width(isa, n_out)
     n_tiles = -(-n_out // width)
     padded = np.zeros((n_tiles * width, n_in), np.float32)
     padded[:n_out] = weight
     blocks = padded.reshape(n_tiles, width, n_in).transpose(0, 2, 1)  # [O, in, panel]
-    return _panels(blocks, n_in, width, isa, precision), np.zeros((n_tiles, 1), np.int64), n_in, width, bias, n_out
+    return (_panels(blocks, n_in, width, isa, precision, width), np.zeros((n_tiles, 1), np.int64), n_in, width, bias,
+            n_out)
 
 
 def _encoder(packed: PackedNet, isa: Isa, precision: str) -> tuple:
@@ -673,12 +687,12 @@ def _encoder(packed: PackedNet, isa: Isa, precision: str) -> tuple:
 def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
     """(panels, idx, t_in, t_out, bias, out_features) of any packed layer, from its format's tiles."""
     blocks, idx, t_in, t_out = layer.spec.fused_tiles(layer)  # blocks: [O, k*t_in, t_out], input unit major
-    return (_panels(blocks, t_in, t_out, isa, precision), idx.astype(np.int64), t_in, t_out, layer.tensors["bias"],
-            layer.out_features)
+    return (_panels(blocks, t_in, t_out, isa, precision, _panel_width(isa, t_out)), idx.astype(np.int64), t_in, t_out,
+            layer.tensors["bias"], layer.out_features)
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
-        "scale_offset", "colsum_offset", "shared_weights", "float_weights")
+        "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow")
 
 
 def _aligned(size: int, dtype, line: int) -> np.ndarray:
@@ -733,8 +747,10 @@ class FusedNet:
                 b_size += -(-values.size // bline) * bline + self.isa.panel  # the kernel reads a panel anywhere
             if not floats:
                 segments.append(("weights", w_size, panels))
+            panel = self.isa.panel if li == 0 else _panel_width(self.isa, t_out)  # the encoder: always full panels
             meta.append((offsets[3] if floats else w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width,
-                         t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats))
+                         t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats,
+                         panel, panel != self.isa.panel))
             w_size += 0 if floats else -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
