@@ -204,29 +204,37 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
             if splits > 1:
                 with cgutils.for_range(builder, builder.sub(steps, builder.mul(main, const(splits)))) as loop:
                     step(w_base, x_rows, builder.add(builder.mul(main, const(splits)), loop.index), sets[0])
-        bias_ptr = at(data(10), b_off_v)
-        lo = builder.shuffle_vector(builder.insert_element(undef_f, args[12], ir.Constant(_I32, 0)), undef_f, splat)
-        for j, slot in enumerate(sets[0]):
-            r, c = divmod(j, nv)
-            total = builder.load(slot, typ=acc_vec)
-            for extra in sets[1:]:
-                more = builder.load(extra[j], typ=acc_vec)
-                total = builder.add(total, more) if int8 else builder.fadd(total, more, flags=_FAST)
-            if int8:  # (sum q_x q_w - z_r * sum q_w) * s_r * s_w: the zero point's share taken out, then scaled
+        # int8: (sum q_x q_w - z_r sum q_w) s_r s_w + b = sum * (s_r s_w) + (b - (z_r s_r) (s_w sum q_w)), with
+        # s_w sum q_w stored per output (``colsum_offset``): one multiply-add per sum vector. The per-column vectors
+        # are loaded where used: loaded up front they would take registers from the sums (spills).
+        splat_of = lambda v: builder.shuffle_vector(  # noqa: E731
+            builder.insert_element(undef_f, v, ir.Constant(_I32, 0)), undef_f, splat)
+        column = lambda off, c: load_vec(at(data(10), builder.add(off, const(vec * c))), fvec)  # noqa: E731
+        lo = splat_of(args[12])
+        for r in range(rows):
+            if int8:
                 row = builder.add(row0_v, const(r))
-                splat_of = lambda v: builder.shuffle_vector(  # noqa: E731
-                    builder.insert_element(undef_f, v, ir.Constant(_I32, 0)), undef_f, splat)
-                scale_r = splat_of(builder.load(at(data(18), row), typ=_F32))
-                zero_r = splat_of(builder.load(at(data(19), row), typ=_F32))
-                col_sum = load_vec(at(data(10), builder.add(c_off_v, const(vec * c))), fvec)
-                col_scale = load_vec(at(data(10), builder.add(s_off_v, const(vec * c))), fvec)
-                total = builder.fsub(builder.sitofp(total, fvec), builder.fmul(zero_r, col_sum, flags=_FAST),
-                                     flags=_FAST)
-                total = builder.fmul(total, builder.fmul(scale_r, col_scale, flags=_FAST), flags=_FAST)
-            total = builder.fadd(total, load_vec(at(bias_ptr, const(vec * c)), fvec), flags=_FAST)
-            total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
-            target = at(data(13), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)), const(vec * c))))
-            builder.store(total, builder.bitcast(target, fvec.as_pointer()), align=4)
+                scale_r = builder.load(at(data(18), row), typ=_F32)
+                shift_r = splat_of(builder.fmul(builder.load(at(data(19), row), typ=_F32), scale_r, flags=_FAST))
+                scale_r = splat_of(scale_r)
+            for c in range(nv):
+                j = nv * r + c
+                total = builder.load(sets[0][j], typ=acc_vec)
+                for extra in sets[1:]:
+                    more = builder.load(extra[j], typ=acc_vec)
+                    total = builder.add(total, more) if int8 else builder.fadd(total, more, flags=_FAST)
+                if int8:
+                    offset = builder.fsub(column(b_off_v, c), builder.fmul(shift_r, column(c_off_v, c), flags=_FAST),
+                                          flags=_FAST)
+                    total = builder.fadd(builder.fmul(builder.sitofp(total, fvec),
+                                                      builder.fmul(scale_r, column(s_off_v, c), flags=_FAST),
+                                                      flags=_FAST), offset, flags=_FAST)
+                else:
+                    total = builder.fadd(total, column(b_off_v, c), flags=_FAST)
+                total = builder.select(builder.fcmp_unordered(">", total, lo), total, lo)  # max(total, lo)
+                target = at(data(13), builder.add(dest_off_v, builder.add(builder.mul(ld_v, const(r)),
+                                                                          const(vec * c))))
+                builder.store(total, builder.bitcast(target, fvec.as_pointer()), align=4)
         builder.branch(end)
     builder.position_at_end(end)
 
@@ -245,8 +253,9 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
     float32 array whose every element holds one input pair as two bf16 (offsets count pairs), broadcast
     as one 32-bit value. int8: w holds int8 quads (inputs 4j..4j+3 per output), x four uint8 per element,
-    and row r's sum becomes (sum - rz[row0 + r] * bias[c_off + j]) * rs[row0 + r] * bias[s_off + j]: the
-    inputs' zero point and scale per row, the weights' column sums and scales per output (``vpdpbusd``).
+    and row r's sum becomes sum * rs[row0 + r] * bias[s_off + j] - rz[row0 + r] * rs[row0 + r] * bias[c_off + j]:
+    the inputs' scale and zero point per row, the weights' scales and scaled column sums per output
+    (``vpdpbusd``).
     The other precisions ignore the last five arguments.
 
     The loops are emitted in LLVM IR with explicit vectors because numba's auto-vectoriser vectorises
@@ -621,7 +630,7 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str,
     even length and the input pairs interleaved per output, [O, C, k*t_pad/2, panel, 2] as bfloat16 bits
     (uint16). int8: each output's weights scaled to -127..127 (scale = max |w| / 127, per output unit: finer
     than per panel), tiles padded to a multiple of 4, quads interleaved, [O, C, k*t_pad/4, panel, 4] int8;
-    scales and the int8 column sums per output unit. Other precisions: empty scales and sums."""
+    scales and the int8 column sums times the scales per output unit. Other precisions: empty scales and sums."""
     n_tiles, rows, _ = blocks.shape
     width = isa.panel if width is None else width
     n_panels = -(-t_out // width)
@@ -641,7 +650,8 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str,
         scale = np.abs(padded).max(axis=(2, 3)) / 127  # [O, C, panel]
         scale[scale == 0] = 1
         padded = np.rint(padded / scale[:, :, None, None, :])
-        scale, colsum = _per_output(scale, t_out), _per_output(padded.sum(axis=(2, 3)), t_out)
+        colsum = _per_output(padded.sum(axis=(2, 3)) * scale, t_out)  # the weights' column sums, times their scales
+        scale = _per_output(scale, t_out)
     grouped = padded.reshape(n_tiles, n_panels, k * t_pad // group, group, width).transpose(0, 1, 2, 4, 3)
     flat = np.ascontiguousarray(grouped).reshape(-1)
     if precision == "int8":
