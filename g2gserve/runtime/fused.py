@@ -424,10 +424,11 @@ _fetch_add, _wait_for = _sync_intrinsics()
 def _plan(x, meta, max_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
-    into jobs: (n_layers, 2) = panels, row parts per panel (several where there are too few panels for the
-    threads)."""
+    into jobs: (n_layers, 3) = jobs, row parts per job (several where there are too few panels for the threads),
+    patch-row mode (the encoder with fewer images than patches per patch row: a job is one patch row of one image,
+    its patches the kernel's rows, instead of one patch for every image)."""
     rows, n_layers = x.shape[0], meta.shape[0]
-    offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 2), np.int64)
+    offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 3), np.int64)
     width, size = x.shape[1], 0
     for li in range(n_layers):
         t_in, t_out, width_out, t, floats = meta[li, 5], meta[li, 6], meta[li, 7], meta[li, 8], meta[li, 12]
@@ -443,6 +444,9 @@ def _plan(x, meta, max_rows, threads, bf16, int8):
         chunks = (rows + max_rows - 1) // max_rows
         jobs[li, 0] = n_jobs
         jobs[li, 1] = min(chunks, (4 * threads + n_jobs - 1) // n_jobs) if threads > 1 and n_jobs < 4 * threads else 1
+        across = meta[li, 15]  # patches per patch row (the encoder), else 0
+        if rows < across <= max_rows and t_out % meta[li, 13] == 0:
+            jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
         width = width_out
     offsets[n_layers, 0] = size
     return offsets, jobs
@@ -495,6 +499,24 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     chunks = (rows + max_rows - 1) // max_rows
     small, extra = rows // chunks, rows % chunks
     job = -1
+    if jobs[li, 2]:  # patch-row mode (see _plan): patch px of the row is the kernel's row px, p values apart
+        across = meta[li, 15]
+        per_image = (meta[li, 3] // across) * n_panels
+        while True:
+            job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
+            if job >= jobs[li, 0]:
+                return
+            b, py, c = job // per_image, job % per_image // n_panels, job % n_panels
+            live = tiles[t_off + py * across * k:t_off + (py * across + 1) * k]
+            col = py * across * t_out + c * panel_width
+            if floats:
+                _kernel(numba.literally(code_fp32), across, biases, w_off + c * panel_size, flat, b * ldx, t_in, live,
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b)
+            else:
+                _kernel(numba.literally(code), across, weights, w_off + c * panel_size, flat, b * ldx, t_in, live,
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b)
+            if claim:
+                _fetch_add(counters, 4 * li + 3)
     while True:
         job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
         if job >= jobs[li, 0] * parts:
@@ -702,7 +724,7 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
-        "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow")
+        "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow", "patches_across")
 
 
 def _aligned(size: int, dtype, line: int) -> np.ndarray:
@@ -760,7 +782,7 @@ class FusedNet:
             panel = self.isa.panel if li == 0 else _panel_width(self.isa, t_out)  # the encoder: always full panels
             meta.append((offsets[3] if floats else w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width,
                          t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats,
-                         panel, panel != self.isa.panel))
+                         panel, panel != self.isa.panel, packed.input_shape[2] // packed.patch_size if li == 0 else 0))
             w_size += 0 if floats else -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
