@@ -89,7 +89,7 @@ def test_accuracy_gate_compares_top1_image_by_image(export_dir):
 def _fake_run(speedup64: float, fused64_ms: float, threads: int) -> dict:
     """A g2g-bench result with just what the report reads."""
     runs = [{"backend": b, "batch": 64, "sparse": {"p50_ms": fused64_ms}, "dense": {"p50_ms": fused64_ms * speedup64},
-             "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime")]
+             "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime", "fused-bf16")]
     best = [{"batch": n, "precision": p, "speedup": s} for n in (1, 64) for p, s in (("fp32", speedup64), ("reduced", 2.0))]
     return {"runs": runs, "best": best, "peak": {"gmacs": 100.0}}
 
@@ -103,6 +103,7 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
     assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; the best quantised dense" in text
+    assert "bf16 alone (fused-bf16 sparse vs its own dense twin, the only bf16 dense model), batch 64: 3.60x" in text
     doc = "# Benchmarks\n\nintro\n"
     once = replace_section(doc, text)
     assert replace_section(once, text) == once and once.startswith(doc)

@@ -57,6 +57,9 @@ def summarise(runs: dict[int, list[dict]]) -> dict:
          "peak_fraction_batch64": _stat([_run_of(r, "fused", 64)["gmacs_sparse"] / r["peak"]["gmacs"] for r in one]),
          "reduced_batch64": _stat([_best(r, 64, "reduced")["speedup"] for r in one]),
          "reduced_batch1": _stat([_best(r, 1, "reduced")["speedup"] for r in one])}
+    if all(any(x["backend"] == "fused-bf16" for x in r["runs"]) for r in one):  # bf16 against bf16 only
+        s["bf16_batch64"] = _stat([_run_of(r, "fused-bf16", 64)["dense"]["p50_ms"]
+                                   / _run_of(r, "fused-bf16", 64)["sparse"]["p50_ms"] for r in one])
     if two:
         s["threads2_scaling"] = _stat([_run_of(a, "fused", 64)["sparse"]["p50_ms"]
                                        / _run_of(b, "fused", 64)["sparse"]["p50_ms"] for a, b in zip(one, two)])
@@ -65,23 +68,26 @@ def summarise(runs: dict[int, list[dict]]) -> dict:
     return s
 
 
-WHY_MISSED = {
-    "fp32_batch1": "at batch 1 the sparse model does ~0.7 M multiply-adds: fixed per-call and per-layer costs (the "
-                   "Python call, patch extraction, 5 layer launches) are a large part of its time, and they do not "
-                   "shrink with the density, so the ratio stays under the 3.85x MAC ratio",
-    "fp32_batch64": "block tiles of 64 give panels of only k x 64 inputs per output tile: the sums are written out "
-                    "after few multiply-adds, and the dense twin's long panels run closer to peak",
-    "peak_fraction_batch64": "the sparse layers' short panels (k live tiles x 64 inputs) and the patch conv "
-                             "(49 inputs per output) do not keep the FMA units as busy as a large square GEMM",
-    "threads2_scaling": "the batch is split by rows in one parallel region, so what is left is the Python call, "
-                        "the hand-off to the second thread and the copy of its rows; on this 2-core virtual "
-                        "machine the second core's speed also varies from run to run (compare the range)",
-    "threads2_speedup": "see the 2-thread scaling: onnxruntime's dense GEMMs split into larger pieces per thread",
-    "reduced_batch64": "the best quantised dense model is fused-int8's own dense twin; every layer's input is "
-                       "staged as uint8 row by row (range, scale, quantise), a cost that follows the input width, "
-                       "not the density, so it is the same for sparse and dense and weighs four times as much "
-                       "against the sparse model's quarter of the multiply-adds; the sparse layers' short panels "
-                       "(k live tiles x 64 inputs) also keep fewer multiply-adds in flight per load",
+WHY_MISSED = {  # the causes, each measured in process (see docs/kernel.md)
+    "fp32_batch1": "at batch 1 every weight is read once, from beyond the 1 MiB L2: both models stream their "
+                   "weights at the same rate (~80 GB/s past the encoder, warm, in process), so the ratio is at most "
+                   "the weight-bytes ratio (3.93x), less what does not shrink with the density: the Python call and "
+                   "numba's dispatch (~1 us), the encoder (~2-3 us), and in strict A B A B the restart of the sparse "
+                   "weights' stream after the dense twin has pushed them out of the caches (~+4 us against a warm "
+                   "call, on ~39 us)",
+    "fp32_batch64": "block tiles of 64 give panels of only k x 64 inputs per output tile: per-call costs (sums "
+                    "zeroed, bias, ReLU, stores) weigh four times as much against the sparse model's short panels",
+    "peak_fraction_batch64": "the sparse layers' short panels (k live tiles x 64 inputs) do not keep the FMA units as "
+                             "busy as a large square GEMM",
+    "threads2_scaling": "the threads share one parallel region and claim panels, so each weight is read by one "
+                        "thread; what is left is the region's start and the waits at each layer's end, and the two "
+                        "virtual cores of this machine are not equally fast from run to run (compare the range)",
+    "threads2_speedup": "see the 2-thread scaling",
+    "reduced_batch64": "the best quantised dense model is fused-int8's own dense twin; costs that do not shrink with "
+                       "the density weigh four times as much against the sparse model: the fp32 encoder (~32 us of "
+                       "~290 at batch 64) and the uint8 staging of every layer's input, row by row (~10 us per 1024 "
+                       "inputs: range, scale, quantise); the int8 sparse layers also run at ~80% of the dense twin's "
+                       "multiply-add rate (short panels: per-call costs)",
 }
 
 
@@ -115,7 +121,11 @@ def section(summary: dict, machine: dict, kernel: dict, accuracy: list[dict], co
     lines += ["", f"Dense-GEMM peak (best n^3 onnxruntime MatMul, 1 thread): {summary['peak_gmacs']['median']:.1f} G MAC/s "
                   f"({summary['peak_gmacs']['min']:.1f}-{summary['peak_gmacs']['max']:.1f}); fused sparse at batch 64: "
                   f"{summary['fused_gmacs_batch64']['median']:.1f} G MAC/s. Reduced precision at batch 1: "
-                  f"{fmt(summary['reduced_batch1'])}.", ""]
+                  f"{fmt(summary['reduced_batch1'])}."
+                  + (f" bf16 alone (fused-bf16 sparse vs its own dense twin, the only bf16 dense model), batch 64: "
+                     f"{fmt(summary['bf16_batch64'])}; the target row above takes the best quantised dense model of "
+                     "any precision (int8), which is faster than any bf16 one."
+                     if "bf16_batch64" in summary else ""), ""]
     lines += (["Why the missed ones are missed (the likely causes, from the design; not each measured):", "", *missed, ""] if missed else ["Every target is met.", ""])
     if accuracy:
         lines += ["Accuracy gate (the test split, each reduced model against its fp32 counterpart image by image):", "",
