@@ -126,7 +126,7 @@ def section(summary: dict, machine: dict, kernel: dict, accuracy: list[dict], co
                      f"{fmt(summary['bf16_batch64'])}; the target row above takes the best quantised dense model of "
                      "any precision (int8), which is faster than any bf16 one."
                      if "bf16_batch64" in summary else ""), ""]
-    lines += (["Why the missed ones are missed (the likely causes, from the design; not each measured):", "", *missed, ""] if missed else ["Every target is met.", ""])
+    lines += (["Why the missed ones are missed (each cause measured in process; how, in docs/kernel.md):", "", *missed, ""] if missed else ["Every target is met.", ""])
     if accuracy:
         lines += ["Accuracy gate (the test split, each reduced model against its fp32 counterpart image by image):", "",
                   *accuracy_table(accuracy), ""]
