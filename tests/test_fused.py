@@ -61,6 +61,28 @@ def test_narrow_panels_where_one_vector_holds_a_tile():
         assert net.meta[-1, narrow] == 1 and net.meta[-1, panel] == isa.vec  # 10 classes
 
 
+def test_callers_on_several_python_threads_get_their_own_counters():
+    """A server may call one multi-threaded net from several Python threads: every forward plans its own buffers
+    and claim counters, so the regions never take each other's work."""
+    import threading
+    packed = pack_model(_model(granularity="block"), "auto")
+    one, two = FusedNet(packed), FusedNet(packed, threads=2)
+    xs = [np.random.default_rng(n).standard_normal((n, *one.input_shape)).astype(np.float32) for n in (1, 3, 17, 40)]
+    refs, bad = [one(x) for x in xs], []
+
+    def work(k):
+        for i in range(40):
+            j = (i + k) % len(xs)
+            if not np.array_equal(two(xs[j]), refs[j]):
+                bad.append((k, i))
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not bad
+
+
 @pytest.mark.parametrize("isa,precision", VARIANTS)
 def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
     """Every vector width / tile / precision, on odd shapes (tiles of 1, 23 units) and block tiles; the
