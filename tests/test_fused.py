@@ -61,6 +61,15 @@ def test_narrow_panels_where_one_vector_holds_a_tile():
         assert net.meta[-1, narrow] == 1 and net.meta[-1, panel] == isa.vec  # 10 classes
 
 
+def test_large_buffers_are_aligned_to_huge_pages_and_small_ones_to_cache_lines():
+    from g2gserve.runtime.fused import HUGE_PAGE, _aligned
+    big, small = _aligned(HUGE_PAGE // 4 + 3, np.float32, 16), _aligned(1000, np.int8, 64)
+    assert big.size == HUGE_PAGE // 4 + 3 and big.dtype == np.float32 and not big.any() and big.flags.writeable
+    assert small.size == 1000 and small.ctypes.data % 64 == 0 and not small.any()
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert big.ctypes.data % HUGE_PAGE == 0
+
+
 def test_callers_on_several_python_threads_get_their_own_counters():
     """A server may call one multi-threaded net from several Python threads: every forward plans its own buffers
     and claim counters, so the regions never take each other's work."""
