@@ -58,8 +58,8 @@ def summarise(runs: dict[int, list[dict]]) -> dict:
          "reduced_batch64": _stat([_best(r, 64, "reduced")["speedup"] for r in one]),
          "reduced_batch1": _stat([_best(r, 1, "reduced")["speedup"] for r in one])}
     if all(any(x["backend"] == "fused-bf16" for x in r["runs"]) for r in one):  # bf16 against bf16 only
-        s["bf16_batch64"] = _stat([_run_of(r, "fused-bf16", 64)["dense"]["p50_ms"]
-                                   / _run_of(r, "fused-bf16", 64)["sparse"]["p50_ms"] for r in one])
+        bf16 = [_run_of(r, "fused-bf16", 64) for r in one]
+        s["bf16_batch64"] = _stat([b["dense"]["p50_ms"] / b["sparse"]["p50_ms"] for b in bf16])
     if two:
         s["threads2_scaling"] = _stat([_run_of(a, "fused", 64)["sparse"]["p50_ms"]
                                        / _run_of(b, "fused", 64)["sparse"]["p50_ms"] for a, b in zip(one, two)])
