@@ -91,7 +91,8 @@ def _fake_run(speedup64: float, fused64_ms: float, threads: int) -> dict:
     runs = [{"backend": b, "batch": 64, "sparse": {"p50_ms": fused64_ms}, "dense": {"p50_ms": fused64_ms * speedup64},
              "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime", "fused-bf16")]
     best = [{"batch": n, "precision": p, "speedup": s} for n in (1, 64) for p, s in (("fp32", speedup64), ("reduced", 2.0))]
-    return {"runs": runs, "best": best, "peak": {"gmacs": 100.0}}
+    return {"runs": runs, "best": best, "peak": {"gmacs": 100.0},
+            "sizes": {"stored_weight_bytes": 1.0e6, "dense_weight_bytes": 4.0e6}}
 
 
 def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
@@ -99,6 +100,7 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     s = summarise(runs)
     assert s["fp32_batch64"]["median"] == 3.6 and (s["fp32_batch64"]["min"], s["fp32_batch64"]["max"]) == (3.4, 3.7)
     assert s["threads2_scaling"]["median"] == 2.0 and s["peak_fraction_batch64"]["median"] == 0.8
+    assert s["weight_ratio"] == 4.0
     text = section(s, {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3, tmp_path)
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
