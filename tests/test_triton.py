@@ -84,6 +84,48 @@ def test_kernel_over_many_batch_blocks_and_strided_rows():
     assert (y.cpu() - _reference(x, blocks, idx, bias, True)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("launch", [{"block_n": 256, "warps": 8, "stages": 2}, {"block_n": 64, "warps": 4, "stages": 4}],
+                         ids=lambda l: f"rows{l['block_n']}")
+def test_kernel_with_every_tuned_row_count(launch):
+    """The launch settings the tuner may pick (256 rows per program included) compute the same layer; 300 rows
+    leave a partial last block."""
+    blocks, idx, bias = _layer(3, 4, 2, 16, seed=2)
+    x = torch.randn(300, 4 * 16)
+    y = block_sparse_linear(x.to(DEVICE), blocks.to(DEVICE), idx.to(DEVICE), bias.to(DEVICE), launch=launch)
+    assert (y.cpu() - _reference(x, blocks, idx, bias, True)).abs().max().item() < 1e-4
+
+
+def test_launch_config_takes_the_measured_setting_for_large_batches():
+    tuned = {"block_n": 256, "warps": 8, "stages": 2}
+    assert triton_kernel.launch_config(65536, 16, 64, 132, launch=tuned) == (256, 8, 2)
+    # too few programs for the GPU: fewer rows per program, warps and stages for that size
+    assert triton_kernel.launch_config(1024, 16, 64, 132, launch=tuned) == (32, 4, 3)
+
+
+def test_packaged_launch_settings_were_measured_on_a_gpu():
+    """The shipped table (``python -m g2gserve.bench.triton_tune --write``) names its GPU and command, and every
+    setting is one the kernel can launch."""
+    table = json.loads(triton_kernel.TUNED_PATH.read_text())
+    assert table["machine"]["gpu"] and table["command"].startswith("python -m g2gserve.bench.triton_tune")
+    for precision, launch in table["best"].items():
+        assert precision in ("fp32", "tf32", "bf16", "fp16")
+        assert launch["block_n"] >= 16 and launch["block_n"] & (launch["block_n"] - 1) == 0
+        assert launch["warps"] in (1, 2, 4, 8, 16) and launch["stages"] >= 1
+        assert triton_kernel.tuned_launch(precision) == launch
+    assert triton_kernel.tuned_launch("fp16") == table["best"].get("fp16", table["best"].get("bf16"))
+
+
+def test_tuner_picks_the_setting_fastest_over_all_layers():
+    from g2gserve.bench.triton_tune import best
+
+    def row(units, block_n, ms):
+        return {"precision": "bf16", "units": units, "batch": 1, "block_n": block_n, "warps": 4, "stages": 2, "ms": ms}
+    rows = [row(1024, 64, 2.0), row(8192, 64, 1.0),    # 2x slower on one layer
+            row(1024, 128, 1.1), row(8192, 128, 1.1),  # 10% slower on both: the better geometric mean
+            row(1024, 256, 0.5), row(8192, 256, None)]  # fastest once, but failed on the other layer
+    assert best(rows)["bf16"]["block_n"] == 128
+
+
 def test_launch_config_fills_the_gpu_before_amortising_weights():
     assert triton_kernel.launch_config(1, 16, 64)[0] == 16 and triton_kernel.launch_config(65536, 16, 64)[0] == 128
     assert triton_kernel.launch_config(256, 16, 64, multiprocessors=132)[0] == 16  # 16 tiles x 16 blocks >= 264
@@ -255,7 +297,7 @@ def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():
         pytest.skip(f"this Triton cannot compile ahead of time here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
-    assert {(r["dtype"], r["block_n"]) for r in rows} == {(d, n) for d in ("fp32", "tf32", "bf16", "fp16")
-                                                           for n in (16, 128)}
+    measured = {d: (triton_kernel.tuned_launch(d) or {}).get("block_n", 128) for d in ("fp32", "tf32", "bf16", "fp16")}
+    assert {(r["dtype"], r["block_n"]) for r in rows} == {(d, n) for d in measured for n in (16, 128, measured[d])}
     assert all(r["tensor_cores"] == (r["dtype"] != "fp32") and not r["spills"] for r in rows), rows
-    assert all(r["wgmma"] for r in rows if r["dtype"] != "fp32" and r["block_n"] == 128), rows  # Hopper's MMA
+    assert all(r["wgmma"] for r in rows if r["dtype"] != "fp32" and r["block_n"] >= 128), rows  # Hopper's MMA

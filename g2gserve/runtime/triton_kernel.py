@@ -17,7 +17,9 @@ module is imported: ``triton.jit`` reads it when the kernel is defined), which t
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -74,23 +76,55 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def launch_config(n_rows: int, n_tiles: int, block_size: int, multiprocessors: int = 1) -> tuple[int, int, int]:
-    """(batch rows per program, warps, pipeline stages). Up to 128 rows per program amortise each weight tile
-    over more rows; fewer rows where the grid would otherwise leave multiprocessors idle (mid-size batches of
-    narrow layers), down to 16 (tl.dot's smallest). A starting point, not a tuned table."""
-    block_n = min(128, max(MIN_TILE, triton.next_power_of_2(n_rows)))
+# Launch settings per precision measured on a GPU by ``python -m g2gserve.bench.triton_tune --write`` (which
+# names the machine); without the file, the defaults below (a starting point, not a tuned table).
+TUNED_PATH = Path(__file__).with_name("triton_tuned.json")
+MAX_ROWS = 128  # rows per program without a measured setting
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_launch(precision: str) -> dict | None:
+    """The measured {block_n, warps, stages} for ``precision`` (fp32, tf32, bf16, fp16; fp16 falls back to
+    bf16's, which moves the same bytes), or None."""
+    try:
+        table = json.loads(TUNED_PATH.read_text())["best"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return table.get(precision) or table.get({"fp16": "bf16"}.get(precision, ""))
+
+
+def launch_config(n_rows: int, n_tiles: int, block_size: int, multiprocessors: int = 1,
+                  precision: str = "fp32", launch: dict | None = None) -> tuple[int, int, int]:
+    """(batch rows per program, warps, pipeline stages). Large batches take the measured setting of
+    ``precision`` (``launch`` overrides it); fewer rows per program where the grid would otherwise leave
+    multiprocessors idle (mid-size batches of narrow layers), down to 16 (tl.dot's smallest)."""
+    best = launch or tuned_launch(precision)
+    block_n = min(best["block_n"] if best else MAX_ROWS, max(MIN_TILE, triton.next_power_of_2(n_rows)))
     while block_n > MIN_TILE and n_tiles * triton.cdiv(n_rows, block_n) < 2 * multiprocessors:
         block_n //= 2
-    warps = 8 if block_n * block_size >= 128 * 128 else 4
-    return block_n, warps, 3
+    return (block_n, *program_settings(block_n, block_size, best))
+
+
+def program_settings(block_n: int, block_size: int, best: dict | None) -> tuple[int, int]:
+    """(warps, stages) for programs of ``block_n`` rows: the measured ones at the measured row count, else
+    8 warps from 128 x 128 accumulator elements on and 3 stages."""
+    if best and block_n == best["block_n"]:
+        return best["warps"], best["stages"]
+    return (8 if block_n * block_size >= 128 * 128 else 4), 3
+
+
+def precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 and dtype == torch.float32 else SIGNATURE_DTYPES[dtype]
 
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor,
-                        relu: bool = True, allow_tf32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                        relu: bool = True, allow_tf32: bool = False, out: torch.Tensor | None = None,
+                        launch: dict | None = None) -> torch.Tensor:
     """(N, I*b) -> (N, O*b): ``relu(x @ W + bias)`` for the block-sparse W of ``blocks``/``idx``, one launch.
 
     ``x``, ``blocks`` and ``bias`` share one dtype (fp32, bf16 or fp16); the output has it too. ``allow_tf32``
-    lets fp32 products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation).
+    lets fp32 products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation). ``launch``
+    (block_n, warps, stages) replaces the tuned launch setting: for the tuning sweep.
     """
     n_out, kb, b = blocks.shape
     k = kb // b
@@ -112,7 +146,8 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
         out = torch.empty(n, n_out * b, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device))
+    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device),
+                                           precision_name(x.dtype, allow_tf32), launch)
     grid = (n_out * triton.cdiv(n, block_n),)
     precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
     _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
@@ -139,18 +174,20 @@ def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: in
     constants = {"K": k, "B": b, "BLOCK_N": block_n, "GROUP": GROUP, "RELU": True,
                  "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False}
     signature |= {name: "constexpr" for name in constants}
-    _, warps, stages = launch_config(block_n, 1, b)
+    warps, stages = program_settings(block_n, b, tuned_launch(precision_name(dtype, allow_tf32)))
     source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": warps, "num_stages": stages})
 
 
 def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
-    """For every precision and the smallest and largest rows per program: does the kernel compile, does it use
-    the tensor cores (mma / wgmma), does it spill registers to local memory, how much shared memory."""
+    """For every precision, the smallest rows per program, the default largest and the measured one: does the
+    kernel compile, does it use the tensor cores (mma / wgmma), does it spill registers to local memory, how
+    much shared memory."""
     rows = []
     for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
-        for block_n in (MIN_TILE, 128):
+        tuned = tuned_launch(precision_name(dtype, tf32))
+        for block_n in sorted({MIN_TILE, MAX_ROWS, tuned["block_n"] if tuned else MAX_ROWS}):
             ptx = (compiled := compile_for(capability, dtype, k, b, block_n, tf32)).asm["ptx"]
             rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
                          "tensor_cores": "mma" in ptx, "wgmma": "wgmma" in ptx, "spills": "ld.local" in ptx,
