@@ -1,4 +1,6 @@
+import argparse
 import json
+from pathlib import Path
 
 from training.reproduce import main
 
@@ -79,3 +81,23 @@ def test_regime_study_table_plots_and_a_real_cell(idx_dir, tmp_path):
     assert "- G2G ahead: fashion-mnist sparsity=0.75" in table
     assert "- dense ahead: fashion-mnist sparsity=0.5" in table and "Missing cells (1)" in table
     assert (tmp_path / "regimes" / "sparsity.png").stat().st_size > 1000
+
+
+def test_regime_study_counts_the_comparisons_own_cells_once(tmp_path):
+    """The unvaried point of the study is the comparison's setting: a comparison cell trained with the same
+    flags (where and how fast aside) stands for it; one trained otherwise does not."""
+    from training.reproduce import Cell, comparison_results, fit_command
+
+    comparison = tmp_path / "cells"
+    comparison.mkdir()
+    args = argparse.Namespace(epochs=20, threads=1, device="auto", fit_args="", fmnist_dir=None,
+                              cifar_dir=Path("data/cifar"))
+    same, other = Cell("dense", "cifar10", 0), Cell("er", "cifar10", 0)
+    varied = Cell("dense", "cifar10", 0, (("no-augment", ""),))
+    elsewhere = " ".join(["python", "-m", "training.fit", *fit_command(same, args, Path("runs/x"))[3:]])
+    elsewhere = elsewhere.replace("--threads 1 --device auto", "--threads 2 --device cuda")
+    for cell, command in ((same, elsewhere), (other, elsewhere.replace("--model dense", "--model er --epochs 5"))):
+        (comparison / f"{cell.key}.json").write_text(json.dumps({"test_acc": 0.6, "command": command}))
+    found = comparison_results([same, other, varied], args, comparison)
+    assert list(found) == [same.key]  # er was trained for other epochs; the varied point is never the comparison's
+    assert comparison_results([same], args, tmp_path / "absent") == {}

@@ -127,14 +127,37 @@ def study_point(config: str, flags: dict[str, str], block_cap: int = 64, encoder
     return tuple(sorted(keep.items()))
 
 
-def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
-    out = args.cells_dir / cell.key.replace("__", "/")
+def fit_command(cell: Cell, args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "training.fit", "--dataset", cell.dataset, "--epochs", str(args.epochs),
            "--seed", str(cell.seed), "--out", str(out), "--threads", str(args.threads), "--device", args.device,
            "--no-progress", *cell.config_flags(), *args.fit_args.split(), *cell.point_flags()]
     data_dir = args.fmnist_dir if cell.dataset == "fashion-mnist" else args.cifar_dir
-    if data_dir:
-        cmd += ["--data-dir", str(data_dir)]
+    return cmd + (["--data-dir", str(data_dir)] if data_dir else [])
+
+
+# Flags that say where and how fast a cell ran, not what it trained.
+_PLACE_FLAGS = {"--out", "--threads", "--device", "--data-dir"}
+
+
+def training_flags(command: str | list[str]) -> list[str]:
+    """A training.fit command's flags less those of ``_PLACE_FLAGS`` (with their values)."""
+    words = command.split() if isinstance(command, str) else list(command)
+    words = words[words.index("training.fit") + 1:]
+    return [w for i, w in enumerate(words) if w not in _PLACE_FLAGS and (i == 0 or words[i - 1] not in _PLACE_FLAGS)]
+
+
+def comparison_results(cells: list[Cell], args: argparse.Namespace, comparison_dir: Path) -> dict[str, dict]:
+    """The regime study's cells at the comparison's own setting that the comparison already trained with the
+    same training flags (its saved command is checked), so they are not trained twice."""
+    saved = load_results(comparison_dir) if comparison_dir.is_dir() else {}
+    return {c.key: saved[c.key] for c in cells
+            if not c.point and c.key in saved
+            and training_flags(saved[c.key]["command"]) == training_flags(fit_command(c, args, Path(".")))}
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
+    out = args.cells_dir / cell.key.replace("__", "/")
+    cmd = fit_command(cell, args, out)
     if (out / "state.pt").exists():
         cmd += ["--resume"]
     out.mkdir(parents=True, exist_ok=True)
@@ -443,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="small per-cell result JSON (default docs/results/cells, regimes: docs/results/regimes)")
     p.add_argument("--out", type=Path, default=None, help="default docs/results.md (regimes: docs/regimes.md)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table and plot from saved cells, train nothing")
+    p.add_argument("--comparison-dir", type=Path, default=Path("docs/results/cells"),
+                   help="regimes: where the comparison's cells are; those at the comparison's own setting, trained "
+                        "with the same flags, count for the study's unvaried point")
     args = p.parse_args(argv)
     args.argv = [a for a in argv if a != "--table-only"]
     regimes = args.study == "regimes"
@@ -466,23 +492,29 @@ def main(argv: list[str] | None = None) -> int:
         cells = regime_cells(points, datasets, seeds, configs)
         plots_dir = args.out.with_suffix("")
 
+        def results_of() -> dict[str, dict]:
+            return comparison_results(cells, args, args.comparison_dir) | load_results(args.results_dir)
+
         def write_table() -> None:
-            results = load_results(args.results_dir)
-            atomic_write_text(args.out, build_regime_table(cells, results, points, datasets, configs, args, plots_dir))
+            atomic_write_text(args.out, build_regime_table(cells, results_of(), points, datasets, configs, args,
+                                                           plots_dir))
     else:
         # Seed-major order: a partial run has every config on every data set once before it has any twice.
         cells = [Cell(c, d, s) for s in range(max(seeds.get(d, 1) for d in datasets)) for d in datasets
                  for c in configs if s < seeds.get(d, 1)]
 
+        def results_of() -> dict[str, dict]:
+            return load_results(args.results_dir)
+
         def write_table() -> None:
-            atomic_write_text(args.out, build_table(cells, load_results(args.results_dir), args))
+            atomic_write_text(args.out, build_table(cells, results_of(), args))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in cells if c.key not in load_results(args.results_dir)]
+    todo = [c for c in cells if c.key not in results_of()]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done")
     if not args.table_only and todo:
         _train_cells(todo, args, write_table)
     write_table()
-    results = load_results(args.results_dir)
+    results = results_of()
     if regimes:
         plot_regimes(cells, results, points, datasets, configs, plots_dir)
         pictures = f"{plots_dir}/*.png"
