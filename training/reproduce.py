@@ -250,15 +250,18 @@ def _accs(cells: list[Cell], results: dict[str, dict], dataset: str, config: str
             if c.dataset == dataset and c.config == config and c.point == point and c.key in results}
 
 
+# Paired comparisons in the table: G2G + Hebbian DST against each baseline, and the block form against the edge form.
+PAIRS = [(h, base) for h in HEBBIAN for base in ("dense", "dense-params", "er")] + [HEBBIAN[::-1]]
+
+
 def _paired_lines(cells: list[Cell], results: dict[str, dict], dataset: str) -> list[str]:
-    """G2G + Hebbian DST minus dense, paired by seed: mean ± std of the differences, 95% CI, paired t-test."""
-    dense = _accs(cells, results, dataset, "dense")
+    """``PAIRS``, paired by seed: mean ± std of the differences, 95% CI, paired t-test."""
     lines = []
-    for name in HEBBIAN:
-        stats = paired(_accs(cells, results, dataset, name), dense)
+    for name, base in PAIRS:
+        stats = paired(_accs(cells, results, dataset, name), _accs(cells, results, dataset, base))
         if stats is not None:
-            desc = next(d for n, d, _ in CONFIGS if n == name)
-            lines.append(f"- {desc} − dense: {stats.describe()}")
+            desc, base_desc = (next(d for n, d, _ in CONFIGS if n == c) for c in (name, base))
+            lines.append(f"- {desc} − {base_desc if base in HEBBIAN else base}: {stats.describe()}")
     return (["Paired by seed (a seed gives every model the same data order and augmentation), in percentage points:",
              "", *lines] if lines else [])
 
