@@ -109,8 +109,8 @@ def test_comparison_table_pairs_hebbian_with_every_baseline_and_block_with_edge(
     cells = [Cell(name, "cifar10", s) for name, _, _ in CONFIGS for s in range(3)]
     offset = {"dense": 0.0, "dense-params": -0.03, "er": -0.04, "g2g-mixer-hebbian": -0.02, "g2g-block-hebbian": -0.01}
     noise = (0.0, 0.001, -0.001)  # per seed, sparse models only: differences to dense that vary, with mean 0
-    results = {c.key: {"test_acc": 0.6 + 0.01 * c.seed + offset.get(c.config, 0.0) + noise[c.seed] * (c.config != "dense")}
-               for c in cells}
+    results = {c.key: {"test_acc": 0.6 + 0.01 * c.seed + offset.get(c.config, 0.0)
+                                   + noise[c.seed] * (c.config != "dense")} for c in cells}
     lines = "\n".join(_paired_lines(cells, results, "cifar10"))
     assert "- G2G mixer + DST Hebbian − dense: -2.00 ± 0.10" in lines
     assert "- G2G mixer, block 64x64 tiles + DST Hebbian − dense-params: +2.0" in lines

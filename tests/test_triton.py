@@ -84,8 +84,8 @@ def test_kernel_over_many_batch_blocks_and_strided_rows():
     assert (y.cpu() - _reference(x, blocks, idx, bias, True)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("launch", [{"block_n": 256, "warps": 8, "stages": 2}, {"block_n": 64, "warps": 4, "stages": 4}],
-                         ids=lambda l: f"rows{l['block_n']}")
+@pytest.mark.parametrize("launch", [{"block_n": 256, "warps": 8, "stages": 2},
+                                    {"block_n": 64, "warps": 4, "stages": 4}], ids=lambda l: f"rows{l['block_n']}")
 def test_kernel_with_every_tuned_row_count(launch):
     """The launch settings the tuner may pick (256 rows per program included) compute the same layer; 300 rows
     leave a partial last block."""

@@ -28,6 +28,7 @@ WARPS = (4, 8)
 STAGES = (2, 3, 4)
 # (units, batch): the default model's hidden layer at a large batch, and a wide layer at a mid and a large one
 LAYERS = ((1024, 65536), (8192, 4096), (8192, 65536))
+TIMING = {"warmup": 10, "rep": 40, "return_mode": "median"}  # triton.testing.do_bench: ms of CUDA events
 
 
 def layer(units: int, dtype: torch.dtype, device: torch.device, b: int = 64, density: float = 0.25):
@@ -58,12 +59,12 @@ def measure(precisions: list[str], layers=LAYERS, device: str = "cuda") -> dict:
             out = torch.empty_like(x)
             dense_w = torch.randn(units, units, device=dev).to(dtype) / math.sqrt(units)
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            dense_ms = do_bench(lambda: torch.relu_(torch.addmm(bias, x, dense_w, out=out)), warmup=10, rep=40, return_mode="median")
+            dense_ms = do_bench(lambda: torch.relu_(torch.addmm(bias, x, dense_w, out=out)), **TIMING)
             for block_n, warps, stages in itertools.product(ROWS, WARPS, STAGES):
                 launch = {"block_n": block_n, "warps": warps, "stages": stages}
                 try:
                     ms = do_bench(lambda: block_sparse_linear(x, blocks, idx, bias, allow_tf32=tf32, out=out,
-                                                              launch=launch), warmup=10, rep=40, return_mode="median")
+                                                              launch=launch), **TIMING)
                 except Exception as e:  # noqa: BLE001  (a setting that does not fit: out of shared memory, ...)
                     ms, error = None, f"{type(e).__name__}: {str(e)[:120]}"
                 else:
