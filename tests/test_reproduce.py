@@ -46,6 +46,7 @@ def test_regime_points_dedupe_and_fit_their_blocks():
     from training.reproduce import AXES, regime_cells, regime_points, study_point
 
     assert study_point("g2g-block-hebbian", AXES["groups"][2]("16")) == (("block-size", "32"), ("groups", "16"))
+    assert dict(study_point("dense-params", AXES["groups"][2]("16"))) == {"block-size": "32", "groups": "16"}
     assert study_point("dense", AXES["sparsity"][2]("0.9375")) == ()  # dense ignores sparsity and G
     assert dict(study_point("er", AXES["sparsity"][2]("0.9375"))) == {"sparsity": "0.9375"}
     points = regime_points(["epochs", "sparsity"], {}, epochs=20)

@@ -115,15 +115,17 @@ class Cell:
 
 
 def study_point(config: str, flags: dict[str, str], block_cap: int = 64, encoder: int = 512) -> tuple[tuple[str, str], ...]:
-    """The flags of one study point that matter to ``config``, with a block size that fits its groups."""
+    """The flags of one study point that matter to ``config``, with a block size that fits its groups (dense-params
+    too: its width is matched to the default, block-granular G2GNet of those groups)."""
     keep = {k: v for k, v in flags.items() if config not in RELEVANT or k in RELEVANT[config]}
-    if config == "g2g-block-hebbian" and ("groups" in keep or "hidden" in keep):
+    if config in ("g2g-block-hebbian", "dense-params") and ("groups" in keep or "hidden" in keep):
         groups = int(keep.get("groups", 8))
         sizes = [encoder // groups] + [int(w) // groups for w in keep.get("hidden", "1024").split(",")]
         block = block_cap
         while any(s % block for s in sizes):
             block //= 2
-        keep["block-size"] = str(block)
+        if config != "dense-params" or block != block_cap:  # dense-params only needs it where the default fails
+            keep["block-size"] = str(block)
     return tuple(sorted(keep.items()))
 
 
