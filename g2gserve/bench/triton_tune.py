@@ -45,21 +45,21 @@ def layer(units: int, dtype: torch.dtype, device: torch.device, b: int = 64, den
 def measure(precisions: list[str], layers=LAYERS, device: str = "cuda") -> dict:
     from triton.testing import do_bench
 
+    from g2gserve.runtime.precision import matmul_precision, torch_dtype
     from g2gserve.runtime.triton_kernel import block_sparse_linear
 
     dev = torch.device(device)
     rows = []
     for precision in precisions:
-        dtype = torch.float32 if precision in ("tf32", "fp32") else getattr(torch, {"bf16": "bfloat16",
-                                                                                    "fp16": "float16"}[precision])
+        dtype = torch_dtype(precision)
         tf32 = precision == "tf32"
         for units, batch in layers:
             blocks, idx, bias = layer(units, dtype, dev)
             x = torch.randn(batch, units, device=dev).to(dtype)
             out = torch.empty_like(x)
             dense_w = torch.randn(units, units, device=dev).to(dtype) / math.sqrt(units)
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            dense_ms = do_bench(lambda: torch.relu_(torch.addmm(bias, x, dense_w, out=out)), **TIMING)
+            with matmul_precision(precision):  # cuBLAS at the kernel's precision
+                dense_ms = do_bench(lambda: torch.relu_(torch.addmm(bias, x, dense_w, out=out)), **TIMING)
             for block_n, warps, stages in itertools.product(ROWS, WARPS, STAGES):
                 launch = {"block_n": block_n, "warps": warps, "stages": stages}
                 try:
@@ -75,7 +75,6 @@ def measure(precisions: list[str], layers=LAYERS, device: str = "cuda") -> dict:
                       f"{'failed ' + error if error else f'{ms:.3f} ms'} (dense {dense_ms:.3f} ms)", flush=True)
             del blocks, idx, bias, x, out, dense_w
             torch.cuda.empty_cache()
-    torch.backends.cuda.matmul.allow_tf32 = False
     return {"rows": rows, "best": best(rows)}
 
 

@@ -146,10 +146,10 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
         out = torch.empty(n, n_out * b, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device),
-                                           precision_name(x.dtype, allow_tf32), launch)
+    name = precision_name(x.dtype, allow_tf32)
+    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device), name, launch)
     grid = (n_out * triton.cdiv(n, block_n),)
-    precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
+    precision = "tf32" if name == "tf32" else "ieee"
     _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
                                K=k, B=b, BLOCK_N=block_n, GROUP=GROUP, RELU=relu, PRECISION=precision,
                                UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
