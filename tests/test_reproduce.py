@@ -49,6 +49,8 @@ def test_regime_points_dedupe_and_fit_their_blocks():
     assert dict(study_point("dense-params", AXES["groups"][2]("16"))) == {"block-size": "32", "groups": "16"}
     assert study_point("dense", AXES["sparsity"][2]("0.9375")) == ()  # dense ignores sparsity and G
     assert dict(study_point("er", AXES["sparsity"][2]("0.9375"))) == {"sparsity": "0.9375"}
+    assert study_point("g2g-block-hebbian", AXES["dst"][2]("static")) == (("dst", "none"),)
+    assert study_point("dense", AXES["dst"][2]("static")) == ()  # dense has no masks to rewire
     points = regime_points(["epochs", "sparsity"], {}, epochs=20)
     assert points["epochs"]["20"] == {} and points["sparsity"]["0.9375"] == {"sparsity": "0.9375", "groups": "16"}
     cells = regime_cells(points, ["cifar10"], {"cifar10": 1}, ["dense", "g2g-mixer-hebbian"])

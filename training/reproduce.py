@@ -87,7 +87,9 @@ AXES = {
                      {"groups": str(_groups_for(float(v)))} if _groups_for(float(v)) != 8 else {})),
     "groups": ("groups G", ["4", "8", "16"], lambda v: {} if v == "8" else {"groups": v}),
     "dst": ("DST setting: cosine-decayed 30% every 200 steps vs the follow-up repository's constant 10% every "
-            "1000 steps", ["cosine", "follow-up"], lambda v: FOLLOW_UP_DST if v == "follow-up" else {}),
+            "1000 steps (static: no DST, the masks as initialised; a value to ask for with --axis-values)",
+            ["cosine", "follow-up"],
+            lambda v: FOLLOW_UP_DST if v == "follow-up" else {"dst": "none"} if v == "static" else {}),
 }
 # Flags that change what a model computes (the others are ignored, so equal cells are trained once).
 RELEVANT = {"dense": {"epochs", "augment", "no-augment", "hidden"},
@@ -337,7 +339,9 @@ def build_regime_table(cells: list[Cell], results: dict[str, dict], points: dict
         "# Regime study: where (if anywhere) G2G beats dense", "",
         "Produced by `python -m training.reproduce " + " ".join(args.argv) + "`. Each axis changes one setting "
         f"of the comparison in [results.md](results.md) ({args.epochs} epoch(s), crop + flip on CIFAR, hidden 3 × 1024, "
-        "75% sparsity, G = 8, cosine-decayed Hebbian DST) and keeps the rest; cells: accuracy mean ± std (seeds). "
+        "75% sparsity, G = 8, cosine-decayed Hebbian DST" + (f"; here every cell also gets `{args.fit_args}`"
+                                                            if args.fit_args else "")
+        + ") and keeps the rest; cells: accuracy mean ± std (seeds). "
         "Δ rows: G2G + Hebbian DST minus dense of the same widths, paired by seed, with its 95% confidence interval.",
         f"Machine: {machine_info()['cpu']} ({os.cpu_count()} cores), torch {machine_info()['torch']}; cells trained on: "
         f"{_devices(results)}; {sum(c.key in results for c in cells)}/{len(cells)} cells finished; "
