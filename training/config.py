@@ -107,6 +107,16 @@ class TrainConfig:
         return DSTConfig(prune=self.prune or prune, regrow=self.regrow or regrow, interval=self.dst_interval,
                          fraction=self.dst_fraction, end=self.dst_end, schedule=self.dst_schedule)
 
+    def advice(self) -> list[str]:
+        """Settings our own measurements advise against, said once at the start of a run (not refused)."""
+        dst = self.dst_config()
+        if self.model == "g2g" and self.granularity == "block" and self.sparsity > 0.75 and dst and dst.fraction > 0.1:
+            return [f"block masks at {self.sparsity:.2%} sparsity with DST moving {dst.fraction:.0%} of the live tiles "
+                    f"every {dst.interval} steps lost 7 points on CIFAR-10 against static masks or a gentle DST "
+                    "(docs/regimes-875.md): consider --dst none, or --dst-fraction 0.1 --dst-interval 1000 "
+                    "--dst-schedule constant"]
+        return []
+
     # ------------------------------------------------------------ storing and comparing
     @classmethod
     def run_fields(cls) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
     lines = [
         "# Results: G2GNet vs baselines on real data",
         "",
-        "Produced by `python -m training.reproduce " + " ".join(args.argv) + "` "
+        "Produced by `python -m training.reproduce " + shlex.join(args.argv) + "` "
         f"(each cell: `python -m training.fit` with the flags below, {args.epochs} epochs, Adam 1e-3, cosine, batch 256).",
         f"Machine: {machine_info()['cpu']} ({os.cpu_count()} cores), torch {machine_info()['torch']}, "
         f"{args.jobs} cell(s) in parallel with {args.threads} thread(s) each; table written {time.strftime('%Y-%m-%d %H:%M')}. "
@@ -337,7 +338,7 @@ def build_regime_table(cells: list[Cell], results: dict[str, dict], points: dict
                        configs: list[str], args: argparse.Namespace, plots_dir: Path) -> str:
     lines = [
         "# Regime study: where (if anywhere) G2G beats dense", "",
-        "Produced by `python -m training.reproduce " + " ".join(args.argv) + "`. Each axis changes one setting "
+        "Produced by `python -m training.reproduce " + shlex.join(args.argv) + "`. Each axis changes one setting "
         f"of the comparison in [results.md](results.md) ({args.epochs} epoch(s), crop + flip on CIFAR, hidden 3 × 1024, "
         "75% sparsity, G = 8, cosine-decayed Hebbian DST" + (f"; here every cell also gets `{args.fit_args}`"
                                                             if args.fit_args else "")

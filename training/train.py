@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def _train(cfg: TrainConfig, world: World) -> Checkpoint:
     world.barrier()  # no rank writes before every rank has checked the output directory
     say = print if world.is_main else (lambda *a, **k: None)
     device, dst = world.device, cfg.dst_config()
+    for line in cfg.advice():
+        say(f"note: {line}", file=sys.stderr)
     # On CUDA the host only launches kernels: idle intra-op threads would spin on the cores that other
     # cells sharing the GPU need (one cause of 8 concurrent cells running 30x slower than one).
     threads = cfg.threads or (1 if device.type == "cuda" else None)
