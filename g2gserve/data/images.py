@@ -120,7 +120,8 @@ def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
 def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode one image to a uint8 (C, H, W) torch tensor matching ``shape``; see ``decode_array``."""
     import torch  # the server decodes with decode_array and needs no torch
-    return torch.from_numpy(decode_array(data, shape, max_pixels))
+    # a fast-path PNG comes back as a read-only view of its inflated bytes: torch wants memory it may write
+    return torch.from_numpy(np.require(decode_array(data, shape, max_pixels), requirements="W"))
 
 
 def decode_array(data: bytes, shape: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
