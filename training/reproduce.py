@@ -90,7 +90,7 @@ AXES = {
     "dst": ("DST setting: cosine-decayed 30% every 200 steps vs the follow-up repository's constant 10% every "
             "1000 steps (static: no DST, the masks as initialised; a value to ask for with --axis-values)",
             ["cosine", "follow-up"],
-            lambda v: FOLLOW_UP_DST if v == "follow-up" else {"dst": "none"} if v == "static" else {}),
+            lambda v: {"follow-up": FOLLOW_UP_DST, "static": {"dst": "none"}}.get(v, {})),
 }
 # Flags that change what a model computes (the others are ignored, so equal cells are trained once).
 RELEVANT = {"dense": {"epochs", "augment", "no-augment", "hidden"},
