@@ -78,6 +78,46 @@ def test_optimizer_state_is_reset_for_moved_edges():
         assert torch.count_nonzero(layer.weight[~layer.mask]) == 0
 
 
+def test_fade_shrinks_pruned_weights_linearly_then_removes_them():
+    """With ``fade`` the pruned tiles stay in the mask, shrinking to zero over ``fade`` steps, then leave it
+    (lr 0: only the fade moves the weights, so the ramp is exact); the regrown ones join at once."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(granularity="block"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = DSTConfig(interval=5, window=3, fraction=0.3, fade=3)
+    sched = MaskScheduler(model, opt, cfg, total_steps=40, seed=0)
+    counts = [int(l.mask.sum()) for l in model.hidden]
+    _train(model, sched, opt, 4)
+    before = [(l.mask.clone(), l.weight.detach().clone()) for l in model.hidden]
+    _train(model, sched, opt, 1)  # step 5: the update
+    cuts = []
+    for layer, (mask, weight), n, cut in zip(model.hidden, before, counts, sched._fading):
+        grown = layer.mask & ~mask
+        assert not (mask & ~layer.mask).any(), "pruned tiles stay in the mask while they fade"
+        assert not (cut & ~mask).any() and int(cut.sum()) == int(grown.sum()) > 0
+        assert int(layer.mask.sum()) == n + int(cut.sum())
+        assert torch.equal(layer.weight[cut], weight[cut]) and torch.count_nonzero(layer.weight[grown]) == 0
+        cuts.append((cut, weight))
+    for step, share in ((6, 2 / 3), (7, 1 / 3)):
+        _train(model, sched, opt, 1)
+        for layer, (cut, weight) in zip(model.hidden, cuts):
+            assert torch.allclose(layer.weight[cut], weight[cut] * share, atol=1e-7), step
+    _train(model, sched, opt, 1)  # step 8: gone
+    for layer, (cut, _), n in zip(model.hidden, cuts, counts):
+        assert int(layer.mask.sum()) == n and not (layer.mask & cut).any()
+        assert torch.count_nonzero(layer.weight[~layer.mask]) == 0
+    assert sched._fading is None and [r["moved"] for r in sched.records] == [int(c.sum()) for c, _ in cuts]
+
+
+def test_fade_never_outlasts_training():
+    """An update closer to the end than ``fade`` steps prunes at once: the model ends exactly sparse."""
+    model, opt, sched = _setup("block", interval=5, fade=4, end=1.0)
+    counts = [int(l.mask.sum()) for l in model.hidden]
+    _train(model, sched, opt, 40)
+    assert sched.records[-1]["step"] == 40 and sched._fading is None
+    assert [int(l.mask.sum()) for l in model.hidden] == counts
+
+
 def test_hebbian_score_matches_brute_force():
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4)
@@ -121,16 +161,20 @@ def test_dst_config_rejects_bad_values():
         DSTConfig(prune="biggest")
     with pytest.raises(ValueError, match="dst-fraction"):
         DSTConfig(fraction=1.5)
+    with pytest.raises(ValueError, match="dst-fade"):
+        DSTConfig(interval=100, fade=100)
 
 
-def test_resume_in_the_middle_of_a_dst_schedule(idx_dir, tmp_path):
+@pytest.mark.parametrize("interval,fade", [(3, 0), (4, 3)])  # 8 steps an epoch: (4, 3) stops in a fade
+def test_resume_in_the_middle_of_a_dst_schedule(idx_dir, tmp_path, interval, fade):
     from g2gserve.model.checkpoint import load_model
     from training.fit import main
     torch.set_num_threads(1)
-    flags = ["--data-dir", str(idx_dir), *TINY_FLAGS, "--epochs", "3", "--dst", "hebbian", "--dst-interval", "3",
-             "--dst-end", "0.9", "--seed", "2"]
+    flags = ["--data-dir", str(idx_dir), *TINY_FLAGS, "--epochs", "3", "--dst", "hebbian", "--dst-interval",
+             str(interval), "--dst-end", "0.9", "--seed", "2", "--dst-fade", str(fade)]
     assert main([*flags, "--out", str(tmp_path / "a")]) == 0
     assert main([*flags, "--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["dst"]["fade_left"] == fade
     assert main(["--out", str(tmp_path / "b"), "--resume", "--data-dir", str(idx_dir), "--no-progress"]) == 0
     a, ca = load_model(tmp_path / "a" / "model.pt")
     b, cb = load_model(tmp_path / "b" / "model.pt")

@@ -47,6 +47,7 @@ class TrainConfig:
     dst_fraction: float = 0.3
     dst_end: float = 0.75
     dst_schedule: str = "cosine"
+    dst_fade: int = 0
     # optimisation
     epochs: int = 10
     batch_size: int = 256  # global batch: split across ranks under torchrun
@@ -105,7 +106,8 @@ class TrainConfig:
             raise ValueError(f"--dst {self.dst} needs a sparse model (g2g or er), not {self.model}")
         prune, regrow = PRESETS.get(preset, PRESETS["hebbian"])
         return DSTConfig(prune=self.prune or prune, regrow=self.regrow or regrow, interval=self.dst_interval,
-                         fraction=self.dst_fraction, end=self.dst_end, schedule=self.dst_schedule)
+                         fraction=self.dst_fraction, end=self.dst_end, schedule=self.dst_schedule,
+                         fade=self.dst_fade)
 
     def advice(self) -> list[str]:
         """Settings our own measurements advise against, said once at the start of a run (not refused)."""

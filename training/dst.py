@@ -7,6 +7,12 @@ is all a training loop needs. Pruned and regrown weights are set to zero and the
 masks whole tiles move, scores pooled per tile, one tile-row at a time, so rows stay balanced and the
 model stays exactly block-sparse for the exporter. Regrowth never picks an edge pruned in the same
 update (so every update really moves ``moved`` edges).
+
+``fade`` > 0 prunes gently: the pruned connections stay in the mask for ``fade`` more steps while their weights
+shrink linearly to zero (the rest of the network learns to do without them), and only then leave the mask and
+the optimizer state; regrown ones join at once. Why: a block tile is a whole slab of a row's inputs (at 87.5%
+sparsity with 64-wide tiles, half of them), and cutting it at once cost block DST 7 points on CIFAR-10
+(docs/regimes-875.md). While a fade runs a layer holds its edge count plus the pruned ones.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ class DSTConfig:
     end: float = 0.75  # no updates after this fraction of training
     schedule: str = "cosine"
     window: int = 20  # batches before each update whose activity the Hebbian score sees
+    fade: int = 0  # steps over which pruned weights shrink to zero before leaving the mask (0: at once)
 
     def __post_init__(self) -> None:
         if self.prune not in PRUNE:
@@ -49,6 +56,8 @@ class DSTConfig:
             raise ValueError("--dst-interval and the Hebbian window must be at least 1")
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"--dst-fraction must be in (0, 1), got {self.fraction}")
+        if not 0 <= self.fade < self.interval:
+            raise ValueError(f"--dst-fade must be in [0, --dst-interval), got {self.fade}")
         if not 0.0 < self.end <= 1.0:
             raise ValueError(f"--dst-end must be in (0, 1], got {self.end}")
 
@@ -96,6 +105,8 @@ class MaskScheduler:
         self.records: list[dict] = []
         self.tracker = HebbianTracker(self.layers) if cfg.uses_hebbian else None
         self._grads: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._fading: list[torch.Tensor] | None = None  # per layer: the pruned weights still fading out
+        self._fade_left = 0  # steps until they leave the mask
         self._want_grad = False
         self._hooks = [optimizer.register_step_post_hook(lambda opt, a, kw: self._after_step())]
         if cfg.regrow == "gradient":
@@ -118,6 +129,8 @@ class MaskScheduler:
 
     def _after_step(self) -> None:
         self.step += 1
+        if self._fade_left:
+            self._fade()
         if self._is_update(self.step):
             self.update()
         nxt = self.step + 1  # arm the hooks for the coming forward pass
@@ -176,6 +189,8 @@ class MaskScheduler:
         self._share_scores()
         frac = self.fraction_at(self.step)
         gen = run_generator(self.seed, self.step)
+        fade = self.cfg.fade if self.step + self.cfg.fade <= self.total_steps else 0  # a fade always ends in training
+        fading: list[torch.Tensor] = []
         for k, layer in enumerate(self.layers):
             live = self._pool(k, layer.mask) > 0
             # Never prune more than can be regrown elsewhere: the edge count must stay exact.
@@ -204,28 +219,60 @@ class MaskScheduler:
             if not self.world.same_everywhere(new_mask):
                 raise RuntimeError(f"DST step {self.step}: hidden.{k}'s new mask differs between ranks")
             changed = new_mask ^ layer.mask
+            cut = changed & layer.mask  # the pruned weights
+            if fade:  # they stay, shrinking, until _fade removes them; the regrown ones start now
+                fading.append(cut)
+                changed &= ~cut
+                new_mask = new_mask | cut
             layer.mask.copy_(new_mask)
-            layer.weight[changed] = 0.0  # pruned: gone; regrown: start at zero
-            for value in self.optimizer.state.get(layer.weight, {}).values():
-                if torch.is_tensor(value) and value.shape == layer.weight.shape:
-                    value[changed] = 0.0
-            active = int(new_mask.sum())
+            self._clear(layer, changed)  # pruned (unless fading): gone; regrown: start at zero
+            active = int((new_mask & ~cut).sum())
             self.records.append({
-                "step": self.step, "layer": k, "fraction": frac, "moved": int(changed.sum()) // 2,
+                "step": self.step, "layer": k, "fraction": frac, "moved": int(cut.sum()),
                 "active": active, "intra_fraction": int((new_mask & self.intra[k]).sum()) / active,
-                "turnover": int((new_mask & ~self.initial[k]).sum()) / active,
+                "turnover": int((new_mask & ~cut & ~self.initial[k]).sum()) / active,
             })
+        if fade:
+            self._fading, self._fade_left = fading, fade
         if self.tracker is not None:
             self.tracker.reset()
         self._grads = [None] * len(self.layers)
 
+    def _clear(self, layer: torch.nn.Module, where: torch.Tensor) -> None:
+        """Zero the weights and their optimizer state (Adam moments, momentum) at ``where``."""
+        layer.weight[where] = 0.0
+        for value in self.optimizer.state.get(layer.weight, {}).values():
+            if torch.is_tensor(value) and value.shape == layer.weight.shape:
+                value[where] = 0.0
+
+    @torch.no_grad()
+    def _fade(self) -> None:
+        """One step of the fade: the fading weights shrink to (left - 1) / left of their value, so they reach
+        zero linearly over ``fade`` steps (whatever the optimizer adds meanwhile shrinks with them); at zero they
+        leave the mask."""
+        left = self._fade_left
+        for layer, cut in zip(self.layers, self._fading):
+            if left > 1:
+                layer.weight[cut] *= (left - 1) / left
+            else:
+                self._clear(layer, cut)
+                layer.mask[cut] = False
+        self._fade_left -= 1
+        if not self._fade_left:
+            self._fading = None
+
     # ------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {"step": self.step, "records": self.records, "config": self.cfg.to_dict(),
-                "tracker": None if self.tracker is None else self.tracker.state_dict(self.world)}
+                "tracker": None if self.tracker is None else self.tracker.state_dict(self.world),
+                "fading": None if self._fading is None else [c.cpu() for c in self._fading],
+                "fade_left": self._fade_left}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.records = int(state["step"]), list(state["records"])
+        fading = state.get("fading")
+        self._fading = None if fading is None else [c.to(l.mask.device) for c, l in zip(fading, self.layers)]
+        self._fade_left = int(state.get("fade_left", 0))
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"], self.world)
         self._want_grad = self._is_update(self.step + 1)

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--dst-end", "fraction of training after which the masks freeze", type=float)
     _flag(s, "--dst-schedule", "cosine: fraction decays to 0 at --dst-end; constant: the same fraction every update",
           choices=SCHEDULES)
+    _flag(s, "--dst-fade", "steps over which pruned weights shrink to zero before they leave the mask (0: at once; "
+                           "below --dst-interval)", type=int)
     t = p.add_argument_group("training")
     _flag(t, "--epochs", "training epochs (the cosine schedule spans them)", type=_positive(int))
     _flag(t, "--batch-size", "global training batch size (split across ranks under torchrun)", type=_positive(int))
