@@ -118,6 +118,23 @@ def test_fade_never_outlasts_training():
     assert [int(l.mask.sum()) for l in model.hidden] == counts
 
 
+@pytest.mark.parametrize("granularity", ["edge", "block"])
+def test_keep_groups_moves_only_connections_across_groups(granularity):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(granularity=granularity, sparsity=0.5))  # 75% would leave nothing across
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = MaskScheduler(model, opt, DSTConfig(interval=5, window=3, keep_groups=True), total_steps=40, seed=0)
+    intra = [m & l.mask for m, l in zip(sched.intra, model.hidden)]  # each group's own live wiring
+    assert all(m.any() for m in intra)
+    counts = [int(l.mask.sum()) for l in model.hidden]
+    _train(model, sched, opt, 40)
+    for layer, own, n in zip(model.hidden, intra, counts):
+        assert torch.equal(layer.mask & own, own), "no in-group connection was pruned"
+        assert int(layer.mask.sum()) == n
+    assert all(r["moved"] > 0 for r in sched.records if r["fraction"] > 0.05)
+    assert sched.records[-1]["turnover"] > 0
+
+
 def test_hebbian_score_matches_brute_force():
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4)

@@ -52,6 +52,7 @@ def test_regime_points_dedupe_and_fit_their_blocks():
     assert study_point("g2g-block-hebbian", AXES["dst"][2]("static")) == (("dst", "none"),)
     assert study_point("dense", AXES["dst"][2]("static")) == ()  # dense has no masks to rewire
     assert study_point("g2g-block-hebbian", AXES["dst"][2]("fade")) == (("dst-fade", "150"),)
+    assert study_point("g2g-block-hebbian", AXES["dst"][2]("keep-groups")) == (("dst-keep-groups", ""),)
     points = regime_points(["epochs", "sparsity"], {}, epochs=20)
     assert points["epochs"]["20"] == {} and points["sparsity"]["0.9375"] == {"sparsity": "0.9375", "groups": "16"}
     cells = regime_cells(points, ["cifar10"], {"cifar10": 1}, ["dense", "g2g-mixer-hebbian"])

@@ -48,6 +48,7 @@ class TrainConfig:
     dst_end: float = 0.75
     dst_schedule: str = "cosine"
     dst_fade: int = 0
+    dst_keep_groups: bool = False
     # optimisation
     epochs: int = 10
     batch_size: int = 256  # global batch: split across ranks under torchrun
@@ -104,10 +105,12 @@ class TrainConfig:
             return None
         if self.model not in ("g2g", "er"):
             raise ValueError(f"--dst {self.dst} needs a sparse model (g2g or er), not {self.model}")
+        if self.dst_keep_groups and self.model != "g2g":
+            raise ValueError("--dst-keep-groups needs a g2g model (its groups are what it keeps)")
         prune, regrow = PRESETS.get(preset, PRESETS["hebbian"])
         return DSTConfig(prune=self.prune or prune, regrow=self.regrow or regrow, interval=self.dst_interval,
                          fraction=self.dst_fraction, end=self.dst_end, schedule=self.dst_schedule,
-                         fade=self.dst_fade)
+                         fade=self.dst_fade, keep_groups=self.dst_keep_groups)
 
     def advice(self) -> list[str]:
         """Settings our own measurements advise against, said once at the start of a run (not refused)."""

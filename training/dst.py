@@ -13,6 +13,10 @@ shrink linearly to zero (the rest of the network learns to do without them), and
 the optimizer state; regrown ones join at once. Why: a block tile is a whole slab of a row's inputs (at 87.5%
 sparsity with 64-wide tiles, half of them), and cutting it at once cost block DST 7 points on CIFAR-10
 (docs/regimes-875.md). While a fade runs a layer holds its edge count plus the pruned ones.
+
+``keep_groups`` prunes only connections between non-matching groups (the fraction is of those), so each group's
+own wiring stays and DST rewires only the rare edges across: block DST otherwise trades a group's own tiles for
+another group's (docs/training.md).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class DSTConfig:
     schedule: str = "cosine"
     window: int = 20  # batches before each update whose activity the Hebbian score sees
     fade: int = 0  # steps over which pruned weights shrink to zero before leaving the mask (0: at once)
+    keep_groups: bool = False  # prune only connections across groups: each group's own wiring stays
 
     def __post_init__(self) -> None:
         if self.prune not in PRUNE:
@@ -193,12 +198,13 @@ class MaskScheduler:
         fading: list[torch.Tensor] = []
         for k, layer in enumerate(self.layers):
             live = self._pool(k, layer.mask) > 0
+            movable = live & ~(self._pool(k, self.intra[k]) > 0) if self.cfg.keep_groups else live
             # Never prune more than can be regrown elsewhere: the edge count must stay exact.
             if self.block is None:
-                count: torch.Tensor | int = min(round(frac * int(live.sum())), int((~live).sum()))
-            else:  # spread round(frac * live tiles) over tile-rows, differing by at most one
+                count: torch.Tensor | int = min(round(frac * int(movable.sum())), int((~live).sum()))
+            else:  # spread round(frac * movable tiles) over tile-rows, differing by at most one
                 rows = live.shape[0]
-                base, rem = divmod(round(frac * int(live.sum())), rows)
+                base, rem = divmod(round(frac * int(movable.sum())), rows)
                 count = torch.full((rows,), base, dtype=torch.long, device=live.device)
                 count[torch.randperm(rows, generator=gen)[:rem].to(live.device)] += 1
                 count = torch.minimum(count, (~live).sum(1))
@@ -207,7 +213,7 @@ class MaskScheduler:
             pruned = torch.zeros_like(live)
             for criterion, n in zip(criteria, counts):
                 scores = self._pool(k, self._scores(k, criterion, gen))
-                pruned |= _select(scores, live & ~pruned, n, largest=False)
+                pruned |= _select(scores, movable & ~pruned, n, largest=False)
             moved = int(pruned.sum()) if self.block is None else pruned.sum(1)
             regrow_scores = self._pool(k, self._scores(k, self.cfg.regrow, gen))
             grown = _select(regrow_scores, ~live & ~pruned, moved, largest=True)

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
           choices=SCHEDULES)
     _flag(s, "--dst-fade", "steps over which pruned weights shrink to zero before they leave the mask (0: at once; "
                            "below --dst-interval)", type=int)
+    _flag(s, "--dst-keep-groups", "prune only connections across groups (the fraction is of those): each group's own "
+                                  "wiring stays", action=argparse.BooleanOptionalAction)
     t = p.add_argument_group("training")
     _flag(t, "--epochs", "training epochs (the cosine schedule spans them)", type=_positive(int))
     _flag(t, "--batch-size", "global training batch size (split across ranks under torchrun)", type=_positive(int))

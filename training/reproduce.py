@@ -89,9 +89,11 @@ AXES = {
     "groups": ("groups G", ["4", "8", "16"], lambda v: {} if v == "8" else {"groups": v}),
     "dst": ("DST setting: cosine-decayed 30% every 200 steps vs the follow-up repository's constant 10% every "
             "1000 steps (static: no DST, the masks as initialised; fade: cosine with pruned weights fading out over "
-            "150 steps, --dst-fade; values to ask for with --axis-values)",
+            "150 steps, --dst-fade; keep-groups: cosine moving only connections across groups, --dst-keep-groups; "
+            "values to ask for with --axis-values)",
             ["cosine", "follow-up"],
-            lambda v: {"follow-up": FOLLOW_UP_DST, "static": {"dst": "none"}, "fade": {"dst-fade": "150"}}.get(v, {})),
+            lambda v: {"follow-up": FOLLOW_UP_DST, "static": {"dst": "none"}, "fade": {"dst-fade": "150"},
+                       "keep-groups": {"dst-keep-groups": ""}}.get(v, {})),
 }
 # Flags that change what a model computes (the others are ignored, so equal cells are trained once).
 RELEVANT = {"dense": {"epochs", "augment", "no-augment", "hidden"},
