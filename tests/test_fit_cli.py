@@ -140,14 +140,23 @@ def test_augment_default_comes_from_the_dataset_registry():
     assert TrainConfig(dataset="cifar10", augment=False).augment is False
 
 
+def test_keep_groups_needs_groups():
+    from training.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--dst-keep-groups needs a g2g model"):
+        TrainConfig(dataset="cifar10", model="er", dst="hebbian", dst_keep_groups=True)
+    assert TrainConfig(dataset="cifar10", dst_keep_groups=True).dst_config().keep_groups
+
+
 def test_block_masks_past_75_percent_with_strong_dst_get_a_note():
     """docs/regimes-875.md: block DST moving 30% of the tiles lost 7 points at 87.5%; the run says so up front."""
     from training.config import TrainConfig
 
     note = TrainConfig(dataset="cifar10", sparsity=0.875, groups=8).advice()
-    assert len(note) == 1 and "--dst none" in note[0] and "87.50%" in note[0]
+    assert len(note) == 1 and "--dst none" in note[0] and "--dst-keep-groups" in note[0] and "87.50%" in note[0]
     for quiet in (TrainConfig(dataset="cifar10"),  # the default 75%
                   TrainConfig(dataset="cifar10", sparsity=0.875, dst="none"),
+                  TrainConfig(dataset="cifar10", sparsity=0.875, dst_keep_groups=True),
                   TrainConfig(dataset="cifar10", sparsity=0.875, dst_fraction=0.1, dst_interval=1000),
                   TrainConfig(dataset="cifar10", sparsity=0.875, granularity="edge")):
         assert quiet.advice() == []
