@@ -10,9 +10,10 @@ update (so every update really moves ``moved`` edges).
 
 ``fade`` > 0 prunes gently: the pruned connections stay in the mask for ``fade`` more steps while their weights
 shrink linearly to zero (the rest of the network learns to do without them), and only then leave the mask and
-the optimizer state; regrown ones join at once. Why: a block tile is a whole slab of a row's inputs (at 87.5%
-sparsity with 64-wide tiles, half of them), and cutting it at once cost block DST 7 points on CIFAR-10
-(docs/regimes-875.md). While a fade runs a layer holds its edge count plus the pruned ones.
+the optimizer state; regrown ones join at once. Why it exists: a block tile is a whole slab of a row's inputs
+(at 87.5% sparsity with 64-wide tiles, half of them), and block DST lost 7 points there on CIFAR-10; the fade
+tested whether cutting at once was the cause, and it was not (docs/regimes-875.md): off by default. While a fade
+runs a layer holds its edge count plus the pruned ones.
 
 ``keep_groups`` prunes only connections between non-matching groups (the fraction is of those), so each group's
 own wiring stays and DST rewires only the rare edges across: block DST otherwise trades a group's own tiles for
@@ -232,11 +233,12 @@ class MaskScheduler:
                 new_mask = new_mask | cut
             layer.mask.copy_(new_mask)
             self._clear(layer, changed)  # pruned (unless fading): gone; regrown: start at zero
-            active = int((new_mask & ~cut).sum())
+            kept = new_mask & ~cut  # the mask once any fade is over
+            active = int(kept.sum())
             self.records.append({
                 "step": self.step, "layer": k, "fraction": frac, "moved": int(cut.sum()),
-                "active": active, "intra_fraction": int((new_mask & self.intra[k]).sum()) / active,
-                "turnover": int((new_mask & ~cut & ~self.initial[k]).sum()) / active,
+                "active": active, "intra_fraction": int((kept & self.intra[k]).sum()) / active,
+                "turnover": int((kept & ~self.initial[k]).sum()) / active,
             })
         if fade:
             self._fading, self._fade_left = fading, fade
