@@ -13,6 +13,9 @@ from g2gserve.runtime.fused import ISAS, META, VARIANTS, FusedNet, _compiled, _t
 from conftest import tiny_config
 
 
+PAIRED_64 = dict(granularity="block", hidden=(256, 256), block_size=64, conv_channels=16)  # block tiles of 64
+
+
 def _model(**kw):
     torch.manual_seed(0)
     model = build_model(tiny_config(**kw)).eval()
@@ -38,6 +41,8 @@ def _error(net, model, batch):
     (dict(kind="dense"), "auto"),
     (dict(kind="dense-params"), "auto"),           # 23 units: tiles of 1, odd output counts
     (dict(in_channels=3, image_size=32, granularity="block"), "auto"),
+    (PAIRED_64, "auto"),                           # two panels per output tile: pair mode within a tile
+    (PAIRED_64 | dict(block_size=32), "auto"),     # one panel per tile: pair mode across tiles reading alike
 ])
 def test_matches_pytorch_at_every_batch_size(kw, fmt):
     model = _model(**kw)
@@ -47,6 +52,29 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
         for batch in (*range(1, rows + 1), 64):  # every micro-kernel row count, and 64 in near-equal chunks
             err, _ = _error(net, model, batch)
             assert err < 1e-4, (kw, fmt, batch, err)
+
+
+def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
+    """With at most half a tile of rows, a layer's panels run two per call (``_pairable``): the two panels of a
+    64-wide block tile, or consecutive one-panel tiles with the same live input tiles (dense layers); never the
+    encoder, a narrow layer (the head) or tiles that read different inputs. Parity: the tests above."""
+    from g2gserve.runtime.fused import _pairable, _plan
+    isa = ISAS[host_isa()]
+    pair_mode = lambda net, rows: _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32),  # noqa: E731
+                                                 net.meta, net.tiles, isa.max_rows, 1, False, False)[1][:, 2]
+    packed = pack_model(_model(**PAIRED_64), "auto")
+    for net in (FusedNet(packed), FusedNet(densify(packed))):
+        assert pair_mode(net, 1).tolist() == [0, 2, 2, 0]
+        assert pair_mode(net, isa.max_rows // 2).tolist() == [0, 2, 2, 0]
+        assert pair_mode(net, isa.max_rows // 2 + 1).tolist() == [0, 0, 0, 0]
+    # one-panel tiles: pairable only where every even tile and the next read the same input tiles
+    meta = np.zeros((1, len(META)), np.int64)
+    meta[0, [META.index(c) for c in ("n_tiles", "k", "t_out", "out_features", "panel")]] = (4, 2, isa.panel,
+                                                                                            4 * isa.panel, isa.panel)
+    same, differ = np.array([0, 1, 0, 1, 2, 3, 2, 3]), np.array([0, 1, 0, 1, 2, 3, 2, 0])
+    assert _pairable(0, meta, same) and not _pairable(0, meta, differ)
+    meta[0, META.index("out_features")] -= 1  # the last panel cut short
+    assert not _pairable(0, meta, same)
 
 
 def test_narrow_panels_where_one_vector_holds_a_tile():
@@ -105,7 +133,7 @@ def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
                                                           net.weights, net.biases, net.tiles, net.meta, 1)))
         return
     bound = 1e-4 if precision == "fp32" else None  # bf16 (8-bit mantissa), int8: relative to the logits
-    for kw in (dict(granularity="block"), dict(kind="dense-params")):
+    for kw in (dict(granularity="block"), dict(kind="dense-params"), PAIRED_64):
         model = _model(**kw)
         packed = pack_model(model, "auto")
         for net in (FusedNet(packed, isa=isa, precision=precision),
@@ -119,12 +147,13 @@ def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
 def test_threads_give_the_same_logits_as_one_thread(precision):
     if not supported(host_isa(), precision):
         pytest.skip(f"{precision} does not run on this CPU")
-    packed = pack_model(_model(granularity="block"), "auto")
-    one = FusedNet(packed, precision=precision)
-    two = FusedNet(packed, precision=precision, threads=2)
-    for batch in (1, 5, 16, 17, 64):  # few panels (the head): row chunks shared out as well
-        x = np.random.default_rng(batch).standard_normal((batch, *one.input_shape)).astype(np.float32)
-        assert np.array_equal(one(x), two(x)), batch
+    for kw in (dict(granularity="block"), PAIRED_64):  # PAIRED_64: panels claimed in pairs at few rows
+        packed = pack_model(_model(**kw), "auto")
+        one = FusedNet(packed, precision=precision)
+        two = FusedNet(packed, precision=precision, threads=2)
+        for batch in (1, 5, 16, 17, 64):  # few panels (the head): row chunks shared out as well
+            x = np.random.default_rng(batch).standard_normal((batch, *one.input_shape)).astype(np.float32)
+            assert np.array_equal(one(x), two(x)), (kw, batch)
     assert two.variant["threads"] == 2 and two.variant["isa"] == host_isa()
 
 

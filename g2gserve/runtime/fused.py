@@ -118,16 +118,21 @@ _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the 
 
 VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
                  if precision == "fp32" or isa == "avx512")
-# The compiled micro-kernels: every variant at its full tile, and narrow (one vector of outputs per panel) for
-# layers with at most one vector of outputs, the head of a 10-class model: a 32-wide panel there would read and
-# multiply three times its 10 live columns (the head's padding was 3% of the sparse model's weight bytes).
-KERNELS = tuple((isa, precision, vectors) for isa, precision in VARIANTS for vectors in (ISAS[isa].vectors, 1))
+# The compiled micro-kernels (isa, precision, vectors per panel, panels per call): every variant at its full tile;
+# narrow (one vector of outputs per panel) for layers with at most one vector of outputs, the head of a 10-class
+# model: a 32-wide panel there would read and multiply three times its 10 live columns (the head's padding was 3% of
+# the sparse model's weight bytes); and paired (two panels side by side, up to half the rows) for few rows, where a
+# panel's fixed costs (the call, its tile loop, the sums' set-up and write-out) weigh most and a single row's sums
+# use a quarter of the registers: at batch 1 it took 5-8% off both the sparse model and its dense twin.
+KERNELS = tuple((isa, precision, vectors, span) for isa, precision in VARIANTS
+                for vectors, span in ((ISAS[isa].vectors, 1), (1, 1), (ISAS[isa].vectors, 2)))
 
 
-def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) -> None:
+def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signature, args) -> None:
     """The body of ``_kernel`` for one variant (see there)."""
     bf16, int8 = precision == "bf16", precision == "int8"
-    vec, nv, panel = isa.vec, isa.vectors, isa.panel
+    vec, pv, panel = isa.vec, isa.vectors, isa.panel
+    nv = pv * span  # sum vectors per row: ``span`` panels side by side
     fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
     rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v = (
         context.cast(builder, args[i], signature.args[i], types.intp)
@@ -154,7 +159,8 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
     row_len = group * panel                                        # w elements per step
     acc_vec = ivec if int8 else fvec
     end = builder.append_basic_block("kernel.end")
-    cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, isa.max_rows + 1)]
+    panel_stride = builder.mul(builder.mul(k_v, t_v), const(panel))  # one panel's elements: the next panel's start
+    cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, isa.max_rows // span + 1)]
     switch = builder.switch(rows_v, cases[0][1])
     for rows, block in cases:
         switch.add_case(ir.Constant(intp, rows), block)
@@ -172,10 +178,11 @@ def _emit_kernel(isa: Isa, precision: str, context, builder, signature, args) ->
                 for line in range(0, row_len * size, 64):
                     ahead = builder.bitcast(at(w_row, const((PREFETCH_BYTES + line) // size), w_type), _I8.as_pointer())
                     builder.call(prefetch, [ahead, *(ir.Constant(_I32, v) for v in (0, 2, 1))])  # read, L2, data
+            w_rows = [w_row] + [at(w_row, builder.mul(panel_stride, const(p)), w_type) for p in range(1, span)]
             if group > 1:
-                w_vecs = [load_vec(at(w_row, const(group * vec * c), w_type), ivec) for c in range(nv)]
+                w_vecs = [load_vec(at(w_rows[c // pv], const(group * vec * (c % pv)), w_type), ivec) for c in range(nv)]
             else:
-                w_vecs = [load_vec(at(w_row, const(vec * c)), fvec) for c in range(nv)]
+                w_vecs = [load_vec(at(w_rows[c // pv], const(vec * (c % pv))), fvec) for c in range(nv)]
             for r in range(rows):
                 if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
                     value = builder.load(builder.bitcast(at(x_rows[r], i), _I32.as_pointer()), typ=_I32)
@@ -248,7 +255,9 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
     units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
-    ``KERNELS``) picks the vector width, tile and precision.
+    ``KERNELS``) picks the vector width, tile and precision. A paired variant computes two panels side by side
+    (outputs and biases 2*panel wide, the second panel's weights k*t*panel elements after the first's) for
+    r < max_rows / 2.
 
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
@@ -268,7 +277,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     sums, added up at the end."""
     if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(KERNELS):
         raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into KERNELS")
-    isa_name, precision, vectors = KERNELS[variant.literal_value]
+    isa_name, precision, vectors, span = KERNELS[variant.literal_value]
     wtype = {"fp32": types.float32, "bf16": types.uint16, "int8": types.int8}[precision]
     arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32,
               rs: types.float32, rz: types.float32}
@@ -282,7 +291,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
                      dest_off, ld, s_off, c_off, rs, rz, row0)
 
     def codegen(context, builder, signature, args):
-        _emit_kernel(replace(ISAS[isa_name], vectors=vectors), precision, context, builder, signature, args)
+        _emit_kernel(replace(ISAS[isa_name], vectors=vectors), precision, span, context, builder, signature, args)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -422,12 +431,34 @@ _fetch_add, _wait_for = _sync_intrinsics()
 
 
 @_njit
-def _plan(x, meta, max_rows, threads, bf16, int8):
+def _pairable(li, meta, tiles):
+    """Whether layer li's panels can run two at a time, side by side in one call (pair mode, see ``_plan``): every
+    even-numbered panel (o, c) in (tile, panel) order has a next one with the same live input tiles, both whole
+    (width ``panel``), its weights one panel further on and its outputs ``panel`` further on: the panels of one
+    output tile, or (one panel per tile) consecutive tiles that read the same inputs, as every dense layer's do."""
+    t_off, n_tiles, k, t_out, panel = meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 6], meta[li, 13]
+    if meta[li, 11] or meta[li, 12] or meta[li, 14] or t_out % panel or meta[li, 7] != n_tiles * t_out:
+        return False  # shared (encoder), float panels, narrow, cut-short panels
+    n_panels = t_out // panel
+    if n_panels % 2 == 0:
+        return True
+    if n_panels > 1 or n_tiles % 2:
+        return False
+    for o in range(0, n_tiles, 2):
+        for kk in range(k):
+            if tiles[t_off + o * k + kk] != tiles[t_off + (o + 1) * k + kk]:
+                return False
+    return True
+
+
+@_njit
+def _plan(x, meta, tiles, max_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
     into jobs: (n_layers, 3) = jobs, row parts per job (several where there are too few panels for the threads),
-    patch-row mode (the encoder with fewer images than patches per patch row: a job is one patch row of one image,
-    its patches the kernel's rows, instead of one patch for every image)."""
+    mode: 1 patch-row mode (the encoder with fewer images than patches per patch row: a job is one patch row of one
+    image, its patches the kernel's rows, instead of one patch for every image), 2 pair mode (at most max_rows / 2
+    rows, ``_pairable``: a job is two panels side by side for all the rows, the paired kernel), else 0."""
     rows, n_layers = x.shape[0], meta.shape[0]
     offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 3), np.int64)
     width, size = x.shape[1], 0
@@ -448,6 +479,8 @@ def _plan(x, meta, max_rows, threads, bf16, int8):
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
+        elif rows <= max_rows // 2 and _pairable(li, meta, tiles):
+            jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
     offsets[n_layers, 0] = size
     return offsets, jobs
@@ -479,7 +512,7 @@ def _stage(li, h, meta, scratch, offsets, counters, claim, bf16, int8):
 
 @_njit
 def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, claim, code, code_fp32,
-          code_narrow, max_rows, bf16, int8):
+          code_narrow, code_pair, max_rows, bf16, int8):
     """Layer li's jobs (see ``_plan``): each one panel of one output tile for a part of the rows, through the
     micro-kernel, straight into the layer's output (bias, ReLU but on the head). Every job, or with ``claim`` the
     jobs this thread claims from counters[4*li + 2] (counted done in counters[4*li + 3]). One call per layer, not
@@ -500,7 +533,20 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     chunks = (rows + max_rows - 1) // max_rows
     small, extra = rows // chunks, rows % chunks
     job = -1
-    if jobs[li, 2]:  # patch-row mode (see _plan): patch px of the row is the kernel's row px, p values apart
+    if jobs[li, 2] == 2:  # pair mode (see _pairable): panels 2*job and 2*job + 1 side by side, all rows in one call
+        while True:
+            job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
+            if job >= jobs[li, 0]:
+                return
+            o, c = 2 * job // n_panels, 2 * job % n_panels
+            live = tiles[t_off + o * k:t_off + (o + 1) * k]
+            col = o * t_out + c * panel_width
+            _kernel(numba.literally(code_pair), rows, weights, w_off + (o * n_panels + c) * panel_size, flat, 0, ldx,
+                    live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
+                    0)
+            if claim:
+                _fetch_add(counters, 4 * li + 3)
+    if jobs[li, 2] == 1:  # patch-row mode (see _plan): patch px of the row is the kernel's row px, p values apart
         across = meta[li, 15]
         per_image = (meta[li, 3] // across) * n_panels
         while True:
@@ -561,7 +607,7 @@ def _output(li, x, scratch, offsets, meta):
 
 
 @_njit
-def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_rows, bf16, int8):
+def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, max_rows, bf16, int8):
     """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row), one thread.
 
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
@@ -573,7 +619,7 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_r
     on several threads (kept apart: passing the planned buffers into one shared loop from the serial forward cost
     ~0.4 us, 1%, at batch 1). ``code``, ``code_fp32`` and ``code_narrow`` (indices into KERNELS: the micro-kernel,
     the fp32 one of the same ISA, the narrow one) must be compile-time constants."""
-    offsets, jobs = _plan(x, meta, max_rows, 1, bf16, int8)
+    offsets, jobs = _plan(x, meta, tiles, max_rows, 1, bf16, int8)
     scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
     none = np.zeros(0, np.int64)
     for li in range(meta.shape[0]):
@@ -581,13 +627,13 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_r
         if (bf16 or int8) and not meta[li, 12]:
             _stage(li, h, meta, scratch, offsets, none, False, bf16, int8)
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, code_narrow,
-              max_rows, bf16, int8)
+              code_pair, max_rows, bf16, int8)
     return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
 
 @_njit
 def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-           max_rows, bf16, int8):
+           code_pair, max_rows, bf16, int8):
     """One thread's part of ``_layers`` with several threads: every step (a layer's staging, then its panels) is a
     list of items that the threads claim one at a time from a shared counter and count when done; a thread that
     finds none left waits until all are done, then goes on to the next step. All threads meet once per step, in
@@ -599,7 +645,7 @@ def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, co
             _stage(li, h, meta, scratch, offsets, counters, True, bf16, int8)
             _wait_for(counters, 4 * li + 1, h.shape[0])
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, True, code, code_fp32,
-              code_narrow, max_rows, bf16, int8)
+              code_narrow, code_pair, max_rows, bf16, int8)
         _wait_for(counters, 4 * li + 3, jobs[li, 0] * jobs[li, 1])
 
 
@@ -615,19 +661,21 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     panel is claimed by one thread for all the rows (its weights read once), and every job is the one-thread job,
     so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
-    code, max_rows = KERNELS.index((isa_name, precision, isa.vectors)), isa.max_rows
-    code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors)), KERNELS.index((isa_name, precision, 1))
+    code, max_rows = KERNELS.index((isa_name, precision, isa.vectors, 1)), isa.max_rows
+    code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors, 1)), KERNELS.index((isa_name, precision, 1, 1))
+    code_pair = KERNELS.index((isa_name, precision, isa.vectors, 2))
     bf16, int8 = precision == "bf16", precision == "int8"
 
     def forward(x, weights, biases, tiles, meta, threads):
         if not parallel:
-            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, max_rows, bf16, int8)
-        offsets, jobs = _plan(x, meta, max_rows, threads, bf16, int8)
+            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, max_rows, bf16,
+                           int8)
+        offsets, jobs = _plan(x, meta, tiles, max_rows, threads, bf16, int8)
         scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
         counters = np.zeros(4 * meta.shape[0], np.int64)
         for _ in prange(threads):
             _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-                   max_rows, bf16, int8)
+                   code_pair, max_rows, bf16, int8)
         return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
