@@ -212,6 +212,10 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
         "(cells share the machine, so single times are not comparable).",
         "Accuracy is the test accuracy after the last epoch, mean ± std over the seeds that finished; "
         "Δ is the difference to the dense network of the same widths in percentage points.",
+        "This is one setting; the regime study (`--study regimes`: 100 epochs, no augmentation, other widths, "
+        "sparsities, G and DST settings, with a plot per axis and a computed conclusion) is in "
+        "[regimes.md](regimes.md), and what it shows in "
+        "[training.md](training.md#the-comparison-on-three-seeds-and-the-regime-study).",
         "",
     ]
     for dataset in dict.fromkeys(c.dataset for c in cells):
