@@ -84,6 +84,7 @@ def test_round_trip_through_files_and_checkpoint(tmp_path, backend, variant):
         assert isinstance(probs, np.ndarray) and probs.dtype == np.float32
         assert probs.shape == (7, 10) and np.allclose(probs, expected.detach().numpy(), atol=1e-5)
         assert m.classes == CLASSES and m.input_shape == (1, 28, 28)
+        assert m.predict(images[:0]).shape == (0, 10)  # an empty batch is an empty answer on every backend
 
 
 def test_block_packer_on_hand_made_masks():

@@ -479,7 +479,7 @@ def _plan(x, meta, tiles, max_rows, threads, bf16, int8):
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
-        elif rows <= max_rows // 2 and _pairable(li, meta, tiles):
+        elif 0 < rows <= max_rows // 2 and _pairable(li, meta, tiles):
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
     offsets[n_layers, 0] = size
@@ -870,5 +870,7 @@ class FusedNet:
             raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if self.threads > 1:
             numba.set_num_threads(self.threads)  # per calling thread
+        if not x.shape[0]:  # no rows: nothing to plan (and reshape(0, -1) cannot infer the width)
+            return np.zeros((0, int(self.meta[-1, META.index("out_features")])), np.float32)
         return self._forward(x.reshape(x.shape[0], -1), self.weights, self.biases, self.tiles, self.meta, self.threads)
 

@@ -31,11 +31,11 @@ class PackedModule(nn.Module):
         n, c = x.shape[:2]
         g, p = self.grid, self.patch
         patches = x.reshape(encoder.patch_view_shape(n, c, g, p)).permute(encoder.PATCH_AXES).reshape(n * g * g, c * p * p)
-        return torch.relu_(torch.addmm(self.enc_bias, patches, self.enc_weight)).view(n, -1)
+        return torch.relu_(torch.addmm(self.enc_bias, patches, self.enc_weight)).view(n, g * g * self.enc_weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encode(x)
-        if h.shape[0] > 1:
+        if h.shape[0] != 1:
             for layer in self.hidden:
                 h = torch.relu_(layer(h))
             return F.linear(h, self.head_weight, self.head_bias)
