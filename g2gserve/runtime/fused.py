@@ -123,7 +123,7 @@ VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
 # model: a 32-wide panel there would read and multiply three times its 10 live columns (the head's padding was 3% of
 # the sparse model's weight bytes); and paired (two panels side by side, up to half the rows) for few rows, where a
 # panel's fixed costs (the call, its tile loop, the sums' set-up and write-out) weigh most and a single row's sums
-# use a quarter of the registers: at batch 1 it took 5-8% off both the sparse model and its dense twin.
+# use a quarter of the registers: in-process A/B at batch 1-2 it took 5-15% off the sparse model and its dense twin.
 KERNELS = tuple((isa, precision, vectors, span) for isa, precision in VARIANTS
                 for vectors, span in ((ISAS[isa].vectors, 1), (1, 1), (ISAS[isa].vectors, 2)))
 
@@ -257,7 +257,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
     ``KERNELS``) picks the vector width, tile and precision. A paired variant computes two panels side by side
     (outputs and biases 2*panel wide, the second panel's weights k*t*panel elements after the first's) for
-    r < max_rows / 2.
+    1..max_rows / 2 rows.
 
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
