@@ -61,7 +61,7 @@ def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
     from g2gserve.runtime.fused import _pairable, _plan
     isa = ISAS[host_isa()]
     pair_mode = lambda net, rows: _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32),  # noqa: E731
-                                                 net.meta, net.tiles, isa.max_rows, 1, False, False)[1][:, 2]
+                                                 net.meta, isa.max_rows, 1, False, False)[1][:, 2]
     packed = pack_model(_model(**PAIRED_64), "auto")
     for net in (FusedNet(packed), FusedNet(densify(packed))):
         assert pair_mode(net, 1).tolist() == [0, 2, 2, 0]

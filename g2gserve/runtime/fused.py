@@ -432,10 +432,11 @@ _fetch_add, _wait_for = _sync_intrinsics()
 
 @_njit
 def _pairable(li, meta, tiles):
-    """Whether layer li's panels can run two at a time, side by side in one call (pair mode, see ``_plan``): every
-    even-numbered panel (o, c) in (tile, panel) order has a next one with the same live input tiles, both whole
-    (width ``panel``), its weights one panel further on and its outputs ``panel`` further on: the panels of one
-    output tile, or (one panel per tile) consecutive tiles that read the same inputs, as every dense layer's do."""
+    """Whether layer li's panels can run two at a time, side by side in one call (pair mode, see ``_plan``; decided
+    once at load: the ``pairable`` column of ``FusedNet.meta``): every even-numbered panel (o, c) in (tile, panel)
+    order has a next one with the same live input tiles, both whole (width ``panel``), its weights one panel further
+    on and its outputs ``panel`` further on: the panels of one output tile, or (one panel per tile) consecutive
+    tiles that read the same inputs, as every dense layer's do."""
     t_off, n_tiles, k, t_out, panel = meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 6], meta[li, 13]
     if meta[li, 11] or meta[li, 12] or meta[li, 14] or t_out % panel or meta[li, 7] != n_tiles * t_out:
         return False  # shared (encoder), float panels, narrow, cut-short panels
@@ -452,7 +453,7 @@ def _pairable(li, meta, tiles):
 
 
 @_njit
-def _plan(x, meta, tiles, max_rows, threads, bf16, int8):
+def _plan(x, meta, max_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
     into jobs: (n_layers, 3) = jobs, row parts per job (several where there are too few panels for the threads),
@@ -479,7 +480,7 @@ def _plan(x, meta, tiles, max_rows, threads, bf16, int8):
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
-        elif 0 < rows <= max_rows // 2 and _pairable(li, meta, tiles):
+        elif 0 < rows <= max_rows // 2 and meta[li, 16]:  # pairable (``_pairable``, decided at load)
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
     offsets[n_layers, 0] = size
@@ -619,7 +620,7 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_
     on several threads (kept apart: passing the planned buffers into one shared loop from the serial forward cost
     ~0.4 us, 1%, at batch 1). ``code``, ``code_fp32`` and ``code_narrow`` (indices into KERNELS: the micro-kernel,
     the fp32 one of the same ISA, the narrow one) must be compile-time constants."""
-    offsets, jobs = _plan(x, meta, tiles, max_rows, 1, bf16, int8)
+    offsets, jobs = _plan(x, meta, max_rows, 1, bf16, int8)
     scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
     none = np.zeros(0, np.int64)
     for li in range(meta.shape[0]):
@@ -670,7 +671,7 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
         if not parallel:
             return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, max_rows, bf16,
                            int8)
-        offsets, jobs = _plan(x, meta, tiles, max_rows, threads, bf16, int8)
+        offsets, jobs = _plan(x, meta, max_rows, threads, bf16, int8)
         scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
         counters = np.zeros(4 * meta.shape[0], np.int64)
         for _ in prange(threads):
@@ -774,7 +775,8 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
 
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
-        "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow", "patches_across")
+        "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow", "patches_across",
+        "pairable")
 
 
 HUGE_PAGE = 2 << 20  # x86-64 / arm64 transparent huge page
@@ -848,7 +850,8 @@ class FusedNet:
             panel = self.isa.panel if li == 0 else _panel_width(self.isa, t_out)  # the encoder: always full panels
             meta.append((offsets[3] if floats else w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width,
                          t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats,
-                         panel, panel != self.isa.panel, packed.input_shape[2] // packed.patch_size if li == 0 else 0))
+                         panel, panel != self.isa.panel, packed.input_shape[2] // packed.patch_size if li == 0 else 0,
+                         0))
             w_size += 0 if floats else -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
@@ -856,6 +859,7 @@ class FusedNet:
             getattr(self, buffer)[off:off + values.size] = values.reshape(-1)
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
+        self.meta[:, -1] = [_pairable(li, self.meta, self.tiles) for li in range(len(meta))]  # once, not per forward
         self.input_shape = tuple(packed.input_shape)
         self._forward = _compiled(isa, precision, threads > 1)
 

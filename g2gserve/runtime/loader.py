@@ -126,7 +126,7 @@ def _fused_runner(packed: PackedNet, threads: int | None, dtype: str):
     from g2gserve.runtime.fused import FusedNet
     net = FusedNet(packed, precision=dtype, threads=threads or 1)
     net(np.zeros((1, *net.input_shape), np.float32))  # compile (or load numba's cache) now, not on the first request
-    return net  # converts its input itself: no wrapper, whose call would weigh at batch 1 (~40 us a forward)
+    return net  # converts its input itself: no wrapper (a batch-1 forward takes ~40 us, so a Python call counts)
 
 
 def _ort_runner(bundle: Bundle, variant: str, threads: int | None):
