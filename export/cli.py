@@ -36,6 +36,10 @@ def size_table(m: dict) -> str:
     lines.append(f"parity      max abs error vs PyTorch on {p['inputs']}: "
                  + ", ".join(f"{k} {max(v.values()):.1e}" for k, v in p["max_abs_error"].items())
                  + f" (limit {p['tolerance']:g}, batches {', '.join(next(iter(p['max_abs_error'].values())))})")
+    c = m.get("calibration")
+    lines.append(f"int8 scales calibrated on {c['inputs']} ({c['quantile']:g}th percentile of each layer's outputs)"
+                 if c else "int8 scales not calibrated (no real training images found; pass --data-dir): "
+                           "dtype int8-static is unavailable, int8 (per-row) works")
     return "\n".join(lines)
 
 
@@ -53,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of hidden layers; auto picks per layer (block for tiled masks, CSR only where it "
                         "beats dense, else dense) and records why in manifest.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--data-dir", type=Path, default=None, help="where to find real test images for the parity check")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the model's data set is: real test images for the parity check, and training images "
+                        "to calibrate static int8 activation scales (default: the Debian package, else synthetic "
+                        "parity images and no calibration)")
     p.add_argument("--force", action="store_true", help="replace an existing export directory")
     p.add_argument("--dtype", default="", metavar="LIST",
                    help="also gate these precisions (e.g. tf32,bf16,fp16: top-1 agreement with fp32 >= 99.5%% on the "

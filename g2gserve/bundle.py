@@ -106,6 +106,17 @@ class PrecisionGate:
 
 
 @dataclass
+class Calibration:
+    """Static activation scales for int8 serving (``g2gserve.export.calibration``): the output of the encoder and of
+    each hidden layer (all a ReLU's, zero point 0) as uint8 at ``activation_scales[i]`` per step."""
+
+    inputs: str
+    images: int
+    quantile: float
+    activation_scales: list[float]
+
+
+@dataclass
 class Manifest:
     """``manifest.json``. ``parity``, ``source`` and ``files`` are null only for a bundle built in memory."""
 
@@ -127,6 +138,7 @@ class Manifest:
     source: Union[Source, None] = None
     files: Union[dict[str, FileEntry], None] = None
     precision: Union[dict[str, PrecisionGate], None] = None  # per dtype, recorded after the export
+    calibration: Union[Calibration, None] = None  # null where the export found no real training images
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,6 +265,11 @@ def packed_from_tensors(m: Manifest, tensors: dict[str, np.ndarray]) -> PackedNe
     for t in (conv_w, conv_b, head_w, head_b):
         if t.dtype != np.float32:
             raise ValueError(f"encoder/head weights must be float32, got {t.dtype}")
+    if m.calibration is not None:
+        scales = np.asarray(m.calibration.activation_scales, np.float64)
+        if scales.shape != (len(layers) + 1,) or not (np.isfinite(scales) & (scales > 0)).all():
+            raise ValueError(f"calibration.activation_scales must be {len(layers) + 1} positive numbers (the encoder's "
+                             f"and each hidden layer's outputs), got {m.calibration.activation_scales}")
     orders = [np.asarray(o, np.int64) for o in m.unit_orders]
     return PackedNet(cfg.in_channels, cfg.image_size, cfg.patch_size, cfg.num_classes, conv_w, conv_b, layers,
                      head_w, head_b, orders)

@@ -72,8 +72,8 @@ def _throughput_lines(result: dict) -> list[str]:
 
 
 def bench_model(path: Path, backends: list[str], batches: list[int], device: str, threads: int, seconds: float,
-                memory: bool = True, run_length: int = 1) -> dict:
-    pairs = {backend: tuple(load_bench_model(path, backend, v, device, threads) for v in ("sparse", "dense"))
+                memory: bool = True, run_length: int = 1, data_dir: Path | None = None) -> dict:
+    pairs = {backend: tuple(load_bench_model(path, backend, v, device, threads, data_dir) for v in ("sparse", "dense"))
              for backend in backends}
     manifest = pairs[backends[0]][0].manifest
     packed = packed_of(path)
@@ -256,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
     p.add_argument("--backends", type=_csv(str), default=list(CPU_BACKENDS),
                    help="comma-separated: torch, onnxruntime, fused; reduced precision (compared among themselves): "
-                        "fused-bf16 (AVX512-BF16 CPUs), fused-int8 (AVX512-VNNI), onnxruntime-int8 (quantize_dynamic)")
+                        "fused-bf16 (AVX512-BF16 CPUs), fused-int8 (AVX512-VNNI; per-row input scales), "
+                        "fused-int8-static (the export's calibrated scales), onnxruntime-int8 (quantize_dynamic), "
+                        "onnxruntime-int8-static (quantize_static on the export's calibration images: --data-dir)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the model's data set is, for onnxruntime-int8-static's calibration (default: the "
+                        "Debian Fashion-MNIST package where it applies)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: best sparse (torch block layer or Triton kernel) vs dense at each --dtypes, all in "
                         "CUDA graphs (g2gserve/bench/gpu.py); --sweep then adds random models of --sweep-hidden width")
@@ -314,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sweep_hidden if args.sweep else [])
         elif args.model is not None:
             result |= bench_model(args.model, args.backends, args.batch_sizes, args.device, args.threads,
-                                  args.seconds, memory=not args.no_memory, run_length=args.run_length)
+                                  args.seconds, memory=not args.no_memory, run_length=args.run_length,
+                                  data_dir=args.data_dir)
             if not args.no_memory and load_summary() is not None:  # make install-size's measurement, if any
                 result["install_size"] = load_summary()
         if args.profile:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from g2gserve.runtime import BACKENDS, DTYPES
+from g2gserve.runtime.precision import FUSED_DTYPES
 
 from . import hardening
 from .app import create_app
@@ -48,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="cuda: torch or triton backend on the GPU, each batch size bucket (powers of two up to "
                         "--max-batch) replayed as a CUDA graph")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                   help="torch/triton backends: precision (check it first: python -m g2gserve.runtime.precision)")
+    p.add_argument("--dtype", choices=DTYPES + tuple(d for d in FUSED_DTYPES if d not in DTYPES), default=d.dtype,
+                   help="precision: torch/triton backends fp32, tf32, bf16, fp16; fused backend fp32, bf16, int8 "
+                        "(AVX512-VNNI; inputs quantised per call) or int8-static (the export's calibrated scales, "
+                        "faster). Check it first: python -m g2gserve.runtime.precision MODEL --backend B --dtype D")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="upper bound on how long a forward pass waits for admitted requests still being decoded "

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from g2gserve.data.images import DEFAULT_MAX_PIXELS
-from g2gserve.runtime.precision import check_dtype
+from g2gserve.runtime.precision import DTYPES, FUSED_DTYPES
 
 CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
 
@@ -25,7 +25,7 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 64
     threads: int | None = None
-    dtype: str = "fp32"  # torch/triton backends: fp32, tf32, bf16, fp16 (g2gserve.runtime.precision)
+    dtype: str = "fp32"  # torch/triton: fp32, tf32, bf16, fp16 (runtime.precision); fused: fp32, bf16, int8, int8-static
     decode_threads: int | None = None  # None: one per core this process may run on
     calibrate: bool = True  # time sparse vs dense at start-up (in the background)
     calibration_seconds: float = 1.0
@@ -56,8 +56,9 @@ class ServeConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError("decode_threads must be at least 1")
-        if check_dtype(self.dtype) != "fp32" and self.backend not in ("torch", "triton"):
-            raise ValueError(f"--dtype {self.dtype} needs --backend torch or triton ({self.backend} computes in fp32)")
+        allowed = {"torch": DTYPES, "triton": DTYPES, "fused": FUSED_DTYPES}.get(self.backend, ("fp32",))
+        if self.dtype not in allowed:
+            raise ValueError(f"--dtype {self.dtype}: the {self.backend} backend computes in {', '.join(allowed)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -255,3 +255,39 @@ def test_the_documented_schema_is_current():
     from g2gserve.bundle import json_schema
     doc = Path(__file__).resolve().parents[1] / "docs" / "manifest.schema.json"
     assert json.loads(doc.read_text()) == json_schema()
+
+
+def test_export_calibrates_int8_scales_on_real_training_images_only(tmp_path, idx_dir, capsys):
+    """Static int8 activation scales come from real training images (never the test set, never synthetic ones), from
+    a numpy forward that matches PyTorch; they are validated on read and served by the fused backend's int8-static."""
+    from g2gserve.export.calibration import activation_scales, calibration_images, layer_outputs
+    from g2gserve.runtime.fused import host_isa, supported
+    model, ckpt, path = _checkpoint(tmp_path, granularity="block", block_size=16, conv_channels=32)
+    ckpt.meta["dataset"] = "fashion-mnist"
+    save_checkpoint(path, ckpt)
+    assert export_main([str(path), "--out", str(tmp_path / "exp"), "--data-dir", str(idx_dir)]) == 0
+    assert "int8 scales calibrated on fashion-mnist train set (256 images, seed 0)" in capsys.readouterr().out
+    bundle = read_bundle(tmp_path / "exp")
+    c = bundle.manifest.calibration
+    assert c.images == 256 and c.quantile == 99.99 and len(c.activation_scales) == 3
+    images, source = calibration_images("fashion-mnist", (1, 28, 28), idx_dir)
+    x = ckpt.preprocess(images)
+    outputs = layer_outputs(bundle.packed, x)
+    with torch.no_grad():
+        assert np.abs(outputs[-1] - model(torch.from_numpy(x)).numpy()).max() < 1e-4
+    assert c.activation_scales == pytest.approx(activation_scales(bundle.packed, x))
+    assert c.activation_scales == pytest.approx([np.percentile(o, 99.99) / 255 for o in outputs[:-1]])
+    if supported(host_isa(), "int8"):
+        fp32 = load(tmp_path / "exp", backend="fused").predict(images)
+        for variant in ("sparse", "dense"):
+            int8 = load(tmp_path / "exp", backend="fused", dtype="int8-static", variant=variant).predict(images)
+            assert np.abs(int8 - fp32).max() < 0.05 and (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.99
+    # no data set named (or none found): nothing calibrated, and int8-static says why
+    (tmp_path / "bare").mkdir()
+    _, _, bare = _checkpoint(tmp_path / "bare", granularity="block", block_size=16, conv_channels=32)
+    assert export_checkpoint(bare, tmp_path / "bare-exp", data_dir=idx_dir)["calibration"] is None
+    with pytest.raises(ValueError, match="no int8 calibration .* use dtype int8"):
+        load(tmp_path / "bare-exp", backend="fused", dtype="int8-static")
+    _rewrite_manifest(tmp_path / "exp", lambda m: m["calibration"].update(activation_scales=[0.1, -1.0, 0.1]))
+    with pytest.raises(ExportError, match="calibration.activation_scales must be 3 positive numbers"):
+        read_bundle(tmp_path / "exp")

@@ -257,3 +257,77 @@ def test_variants_load_from_numba_cache_side_by_side():
     for _ in range(2):  # the first run may compile; the second loads every variant from the cache
         proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+STATIC = dict(granularity="block", block_size=16, conv_channels=32)  # every layer's outputs whole panels
+
+
+def _static_int8_emulation(packed, x, scales):
+    """The int8 path at static activation scales in numpy: fp32 encoder; per layer int8 weights (scale max |w| / 127
+    per output unit), uint8 inputs min(255, floor(y / s + 1/2)) of the layer before (a ReLU's: zero point 0), exact
+    integer sums, times both scales, plus the bias."""
+    from g2gserve.export.calibration import layer_outputs
+    y = layer_outputs(packed, x)[0]
+    weights = [(l.dense_weight(), l.tensors["bias"]) for l in packed.layers] + [(packed.head_weight, packed.head_bias)]
+    for i, (w, b) in enumerate(weights):
+        s = np.float32(scales[i])
+        q = np.minimum(np.floor(y * (np.float32(1) / s) + np.float32(0.5)), 255).astype(np.float64)
+        sw = np.abs(w).max(axis=1) / np.float32(127)
+        sw[sw == 0] = 1
+        qw = np.rint(w / sw[:, None]).astype(np.float64)
+        y = ((q @ qw.T) * (np.float64(s) * sw.astype(np.float64)) + b).astype(np.float32)
+        if i < len(weights) - 1:
+            y = np.maximum(y, 0)
+    return y
+
+
+@pytest.mark.skipif(not supported(host_isa(), "int8"), reason="int8 needs AVX512-VNNI, which this CPU lacks")
+def test_int8_at_static_scales_computes_the_quantised_network():
+    """With calibrated activation scales every layer writes the next one's uint8 inputs from its epilogue (no staging):
+    the logits are those of the quantised network computed in numpy (saturating at 255 where the scale is too
+    small; float32 rounding may put a rare value one step apart), at every row count, sparse and dense, one thread or two, and near the float model's."""
+    from g2gserve.export.calibration import activation_scales
+    model = _model(**STATIC)
+    packed = pack_model(model, "auto")
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+    scales = activation_scales(packed, calib)
+    for shrink in (1.0, 0.25):  # 0.25: the top quarter of the range saturates
+        s = [v * shrink for v in scales]
+        for net in (FusedNet(packed, precision="int8", activation_scales=s),
+                    FusedNet(densify(packed), precision="int8", activation_scales=s),
+                    FusedNet(packed, precision="int8", activation_scales=s, threads=2)):
+            assert net.static_layers == len(packed.layers) + 1  # encoder and every hidden layer
+            exact = []
+            for batch in (*range(1, ISAS[host_isa()].max_rows + 1), 64):
+                x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+                got, want = net(x), _static_int8_emulation(packed, x, s)
+                err, top = np.abs(got - want), np.abs(want).max()
+                exact += list(err.max(axis=1) < 1e-5 * top)
+                assert err.max() < 1e-2 * top, (shrink, batch, err.max())
+            # exact for most images; the rest a rounding apart in float32 that lands a value one uint8 step apart
+            assert np.mean(exact) > 0.9, (shrink, np.mean(exact))
+    net = FusedNet(packed, precision="int8", activation_scales=scales)
+    err, scale = _error(net, model, 64)
+    assert err < 0.04 * scale  # as the per-row int8 kernel is held to
+
+
+@pytest.mark.skipif(not supported(host_isa(), "int8"), reason="int8 needs AVX512-VNNI, which this CPU lacks")
+def test_static_scales_apply_only_where_the_layout_allows_and_are_checked():
+    """Where a consumer's input tiles need padding to quads (tiles of 1) or a producer writes part panels (8 of a
+    16-wide one), that layer's inputs stay staged per row; bad scales are refused."""
+    from g2gserve.export.calibration import activation_scales
+    model = _model(kind="dense-params")  # 23 units: tiles of 1
+    packed = pack_model(model, "auto")
+    scales = activation_scales(packed, np.random.default_rng(1).standard_normal((32, 1, 28, 28)).astype(np.float32))
+    net = FusedNet(packed, precision="int8", activation_scales=scales)
+    assert net.static_layers < len(scales)
+    err, scale = _error(net, model, 9)
+    assert err < 0.04 * scale
+    assert FusedNet(pack_model(_model(granularity="block"), "auto"), precision="int8",  # block 8, 8 channels
+                    activation_scales=[0.01] * 3).static_layers == 0
+    for bad in ([0.01], [0.01, 0.0, 0.01], [0.01, float("nan"), 0.01]):
+        with pytest.raises(ValueError, match="activation scales must be 3 positive numbers"):
+            FusedNet(pack_model(_model(granularity="block"), "auto"), precision="int8", activation_scales=bad)
+    with pytest.raises(ValueError, match="activation scales are for precision int8"):
+        FusedNet(pack_model(_model(granularity="block"), "auto"), activation_scales=[0.01] * 3)

@@ -16,13 +16,18 @@ from g2gserve.runtime.fused import describe, supported
 from conftest import tiny_config
 from test_export import _checkpoint
 
-REDUCED = ["onnxruntime-int8", *(f"fused-{p}" for p in ("bf16", "int8") if supported("avx512", p))]
+REDUCED = ["onnxruntime-int8", "onnxruntime-int8-static",
+           *(b for b in ("fused-bf16", "fused-int8", "fused-int8-static") if supported("avx512", b.split("-")[1]))]
 
 
 @pytest.fixture
-def export_dir(tmp_path):
-    _, _, path = _checkpoint(tmp_path, granularity="block")
-    export_checkpoint(path, tmp_path / "exp")
+def export_dir(tmp_path, idx_dir):
+    """A tiny block export calibrated on (synthetic) Fashion-MNIST-format training images."""
+    from g2gserve.model.checkpoint import save_checkpoint
+    _, ckpt, path = _checkpoint(tmp_path, granularity="block", block_size=16, conv_channels=32)
+    ckpt.meta["dataset"] = "fashion-mnist"
+    save_checkpoint(path, ckpt)
+    export_checkpoint(path, tmp_path / "exp", data_dir=idx_dir)
     return tmp_path / "exp"
 
 
@@ -45,19 +50,21 @@ def test_gemm_peak_is_the_best_matmul_size():
     assert peak["gmacs"] == pytest.approx(peak["size"] ** 3 / peak["best_s"] / 1e9)
 
 
-def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_dir, tmp_path, monkeypatch):
+def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_dir, tmp_path, monkeypatch, idx_dir):
     import server.bench as bench
     monkeypatch.setattr(bench, "gemm_peak", lambda threads: gemm_peak(threads, seconds=0, sizes=(128,)))
     out = tmp_path / "b"
     assert bench.main([str(export_dir), "--batch-sizes", "1,3", "--seconds", "0.05", "--no-memory",
-                       "--backends", ",".join(["fused", "onnxruntime", *REDUCED]), "--out", str(out)]) == 0
+                       "--backends", ",".join(["fused", "onnxruntime", *REDUCED]), "--out", str(out),
+                       "--data-dir", str(idx_dir)]) == 0
     result = json.loads((out / "bench.json").read_text())
     macs = model_macs(packed_of(export_dir))
     assert result["macs_per_image"]["sparse"] == macs and result["peak"]["gmacs"] > 0
     for r in result["runs"]:
         assert r["gmacs_sparse"] == pytest.approx(r["batch"] * macs / r["sparse"]["p50_ms"] / 1e6)
-        assert r["precision"] == {"fused-bf16": "bf16", "fused-int8": "int8",
-                                  "onnxruntime-int8": "int8"}.get(r["backend"], "fp32")
+        assert r["precision"] == {"fused-bf16": "bf16", "fused-int8": "int8", "fused-int8-static": "int8-static",
+                                  "onnxruntime-int8": "int8",
+                                  "onnxruntime-int8-static": "int8-static"}.get(r["backend"], "fp32")
     best = {(b["batch"], b["precision"]): b for b in result["best"]}
     assert set(best) == {(n, p) for n in (1, 3) for p in ("fp32", "reduced")}
     assert all(b["dense_backend"] in REDUCED for (n, p), b in best.items() if p == "reduced")
@@ -73,24 +80,25 @@ def test_reduced_backends_need_what_they_need(tmp_path, capsys):
     assert "onnxruntime-int8" in capsys.readouterr().err  # the list of valid names
 
 
-def test_accuracy_gate_compares_top1_image_by_image(export_dir):
+def test_accuracy_gate_compares_top1_image_by_image(export_dir, idx_dir):
     ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     got = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
     a = agreement(ref, got, np.array([0, 1, 1]))
     assert a["top1_agreement"] == pytest.approx(2 / 3) and a["max_prob_diff"] == pytest.approx(0.2)
     assert a["accuracy_fp32"] == pytest.approx(2 / 3) and a["accuracy"] == 1.0
     images = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
-    rows = precision_gate(export_dir, images, np.zeros(40, np.int64), REDUCED, batch=16)
+    rows = precision_gate(export_dir, images, np.zeros(40, np.int64), REDUCED, batch=16, data_dir=idx_dir)
     assert {(r["backend"], r["variant"]) for r in rows} == {(b, v) for b in REDUCED for v in ("sparse", "dense")}
     for r in rows:
         assert r["images"] == 40 and r["passed"] == (r["top1_agreement"] >= GATE) and r["max_prob_diff"] < 0.5
 
 
-def _fake_run(speedup64: float, fused64_ms: float, threads: int) -> dict:
+def _fake_run(speedup64: float, fused64_ms: float, threads: int, reduced: float = 2.0) -> dict:
     """A g2g-bench result with just what the report reads."""
     runs = [{"backend": b, "batch": 64, "sparse": {"p50_ms": fused64_ms}, "dense": {"p50_ms": fused64_ms * speedup64},
              "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime", "fused-bf16")]
-    best = [{"batch": n, "precision": p, "speedup": s} for n in (1, 64) for p, s in (("fp32", speedup64), ("reduced", 2.0))]
+    best = [{"batch": n, "precision": p, "speedup": s, "sparse_backend": b, "dense_backend": b}
+            for n in (1, 64) for p, s, b in (("fp32", speedup64, "fused"), ("reduced", reduced, "fused-int8-static"))]
     return {"runs": runs, "best": best, "peak": {"gmacs": 100.0},
             "sizes": {"stored_weight_bytes": 1.0e6, "dense_weight_bytes": 4.0e6}}
 
@@ -106,6 +114,15 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
     assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; the best quantised dense" in text
     assert "bf16 alone (fused-bf16 sparse vs its own dense twin, the only bf16 dense model), batch 64: 3.60x" in text
+    # a reduced-precision ratio over the target counts only where its models passed the accuracy gate
+    s = summarise({1: [_fake_run(3.6, 1.0, 1, reduced=3.2)] * 3})
+    assert s["reduced_batch64_backends"] == [("fused-int8-static", "fused-int8-static")]
+    gate = lambda ok: [{"backend": "fused-int8-static", "reference": "fused", "variant": v, "images": 10,  # noqa: E731
+                        "top1_agreement": 1.0 if ok else 0.9, "max_prob_diff": 0.01, "accuracy_fp32": 0.9,
+                        "accuracy": 0.9, "gate": GATE, "passed": ok} for v in ("sparse", "dense")]
+    row = "| reduced precision: best sparse vs best quantised dense, batch 64 | 3.20x (3.20-3.20x) | >= 3.0x |"
+    assert f"{row} met |" in section(s, {"cpu": "X", "cores": 2}, describe(), gate(True), "cmd", 3, tmp_path)
+    assert f"{row} **missed** |" in section(s, {"cpu": "X", "cores": 2}, describe(), gate(False), "cmd", 3, tmp_path)
     doc = "# Benchmarks\n\nintro\n"
     once = replace_section(doc, text)
     assert replace_section(once, text) == once and once.startswith(doc)

@@ -275,11 +275,14 @@ def test_triton_backend_refuses_the_cpu_outside_the_interpreter(tmp_path):
 def test_serve_settings_refuse_a_precision_the_backend_cannot_run():
     from server.settings import ServeConfig
 
-    with pytest.raises(ValueError, match="needs --backend torch or triton"):
+    with pytest.raises(ValueError, match="the onnxruntime backend computes in fp32"):
         ServeConfig(model="m", backend="onnxruntime", dtype="bf16")
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match="the torch backend computes in fp32, tf32, bf16, fp16"):
         ServeConfig(model="m", dtype="int8")
     assert ServeConfig(model="m", backend="triton", dtype="bf16").dtype == "bf16"
+    assert ServeConfig(model="m", backend="fused", dtype="int8-static").dtype == "int8-static"
+    with pytest.raises(ValueError, match="the fused backend computes in fp32, bf16, int8, int8-static"):
+        ServeConfig(model="m", backend="fused", dtype="fp16")
 
 
 def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():

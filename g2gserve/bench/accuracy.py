@@ -1,8 +1,9 @@
 """The accuracy gate for reduced precision: does bf16 / int8 pick the same class as fp32 on the real test set?
 
 ``python -m g2gserve.bench.accuracy EXPORT_DIR --data-dir DIR --out FILE.json`` compares, image by image on
-the model's whole test split, each reduced-precision model with its fp32 counterpart (fused-bf16 with the
-fused fp32 kernel, fused-int8 too, onnxruntime-int8 with onnxruntime fp32; sparse and dense): top-1 agreement (the gate:
+the model's whole test split, each reduced-precision model with its fp32 counterpart (fused-bf16, fused-int8 and
+fused-int8-static with the fused fp32 kernel, onnxruntime-int8 and -int8-static with onnxruntime fp32; sparse and
+dense): top-1 agreement (the gate:
 at least ``GATE``), the largest difference of any class probability, and both accuracies.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from g2gserve.bench.reduced import load_bench_model
 from g2gserve.fileio import atomic_write_text
 
 GATE = 0.995  # top-1 agreement with fp32 (issue 13, as in the GPU issue)
-PAIRS = (("fused-bf16", "fused"), ("fused-int8", "fused"), ("onnxruntime-int8", "onnxruntime"))  # reduced, fp32
+PAIRS = (("fused-bf16", "fused"), ("fused-int8", "fused"), ("fused-int8-static", "fused"),  # reduced, fp32
+         ("onnxruntime-int8", "onnxruntime"), ("onnxruntime-int8-static", "onnxruntime"))
 
 
 def _probabilities(model, images: np.ndarray, batch: int) -> np.ndarray:
@@ -35,7 +37,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) 
 
 
 def precision_gate(path: Path, images: np.ndarray, labels: np.ndarray, backends: list[str], threads: int = 1,
-                   batch: int = 256) -> list[dict]:
+                   batch: int = 256, data_dir: Path | None = None) -> list[dict]:
     """One row per reduced backend in ``backends`` and variant: agreement with fp32 and whether the gate passes."""
     rows = []
     for reduced, fp32 in PAIRS:
@@ -43,7 +45,7 @@ def precision_gate(path: Path, images: np.ndarray, labels: np.ndarray, backends:
             continue
         for variant in ("sparse", "dense"):
             ref = _probabilities(load_bench_model(path, fp32, variant, "cpu", threads), images, batch)
-            got = _probabilities(load_bench_model(path, reduced, variant, "cpu", threads), images, batch)
+            got = _probabilities(load_bench_model(path, reduced, variant, "cpu", threads, data_dir), images, batch)
             row = {"backend": reduced, "reference": fp32, "variant": variant, **agreement(ref, got, labels)}
             rows.append(row | {"gate": GATE, "passed": row["top1_agreement"] >= GATE})
     return rows
@@ -80,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy: error: {e}", file=sys.stderr)
         return 1
     images, labels = np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit]
-    backends = ["onnxruntime-int8", *(f"fused-{p}" for p in ("bf16", "int8") if supported("avx512", p))]
-    rows = precision_gate(args.model, images, labels, backends, args.threads)
+    backends = ["onnxruntime-int8", "onnxruntime-int8-static",
+                *(b for b, _ in PAIRS if b.startswith("fused-") and supported("avx512", b.split("-")[1]))]
+    rows = precision_gate(args.model, images, labels, backends, args.threads, data_dir=args.data_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"model": str(args.model), "dataset": manifest["dataset"], "rows": rows},
                                            indent=1) + "\n")

@@ -1,7 +1,8 @@
 """Write a checkpoint as an export bundle (layout and reading: ``g2gserve.bundle``), parity-gated, atomically.
 
 An export is written only when every artifact matches the PyTorch model to ``PARITY_TOL`` (max abs
-error on logits) at batch sizes 1, 7 and 64, and atomically: a failed export leaves nothing behind.
+error on logits) at batch sizes 1, 7 and 64, and atomically: a failed export leaves nothing behind. Where real
+training images are found, it also records static int8 activation scales (``export.calibration``).
 """
 from __future__ import annotations
 
@@ -146,6 +147,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "a
         raise ExportError(f"refusing to export {checkpoint}: artifacts disagree with the PyTorch model by more "
                           f"than {PARITY_TOL} ({detail})")
     m.source = Source(str(checkpoint), sha256(checkpoint))
+    from g2gserve.export.calibration import calibrate
+    m.calibration = calibrate(art.packed, ckpt.preprocess, ckpt.meta.get("dataset"), data_dir)
     import onnx
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(weight_tensors(art.packed), str(tmp / WEIGHTS), metadata={"format": EXPORT_FORMAT})

@@ -25,12 +25,11 @@ from g2gserve.bundle import Bundle, ExportError, read_bundle
 from g2gserve.data.preprocess import Preprocess
 from g2gserve.errors import CheckpointError
 from g2gserve.formats import PackedNet, densify
-from g2gserve.runtime.precision import DTYPES, check_dtype
+from g2gserve.runtime.precision import DTYPES, FUSED_DTYPES, check_dtype
 
 BACKENDS = ("torch", "onnxruntime", "fused", "triton")
 CPU_BACKENDS = ("torch", "onnxruntime", "fused")
 TORCH_BACKENDS = ("torch", "triton")
-FUSED_DTYPES = ("fp32", "bf16", "int8")  # g2gserve.runtime.fused.PRECISIONS (not imported here: numba)
 VARIANTS = ("sparse", "dense")
 
 
@@ -121,10 +120,18 @@ def _torch_runner(packed: PackedNet, device: str, backend: str = "torch", dtype:
     return run, dev
 
 
-def _fused_runner(packed: PackedNet, threads: int | None, dtype: str):
+def _fused_runner(packed: PackedNet, threads: int | None, dtype: str, bundle: Bundle):
+    """int8-static: int8 with the bundle's calibrated activation scales (``export.calibration``), so no layer input
+    is staged per call; int8: each row's inputs at a range of their own, for any bundle."""
     _import("numba", "fused", "pip install 'g2gserve[serve]' (or install numba)")
     from g2gserve.runtime.fused import FusedNet
-    net = FusedNet(packed, precision=dtype, threads=threads or 1)
+    scales = None
+    if dtype == "int8-static":
+        if bundle.manifest.calibration is None:
+            raise ValueError(f"{bundle.directory or 'this model'} has no int8 calibration (it is made at export from "
+                             "real training images: g2g-export --data-dir DIR); use dtype int8 (per-row scales)")
+        scales = bundle.manifest.calibration.activation_scales
+    net = FusedNet(packed, precision=dtype.removesuffix("-static"), threads=threads or 1, activation_scales=scales)
     net(np.zeros((1, *net.input_shape), np.float32))  # compile (or load numba's cache) now, not on the first request
     return net  # converts its input itself: no wrapper (a batch-1 forward takes ~40 us, so a Python call counts)
 
@@ -144,7 +151,8 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     """Load an export directory (validated) or a checkpoint (exported in memory).
 
     ``dtype`` (torch and triton backends): fp32, tf32, bf16 or fp16; fused backend: fp32, bf16 (bfloat16
-    weights, AVX512-BF16 CPUs) or int8 (int8 weights, AVX512-VNNI CPUs). With ``max_batch`` on CUDA, forward
+    weights, AVX512-BF16 CPUs), int8 (int8 weights, AVX512-VNNI CPUs, each row's inputs quantised per call) or
+    int8-static (the same at the activation scales calibrated at export: faster, needs the bundle's calibration). With ``max_batch`` on CUDA, forward
     passes replay CUDA graphs captured per power-of-two batch bucket up to ``max_batch``.
     """
     if backend not in BACKENDS:
@@ -172,7 +180,7 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     if backend in TORCH_BACKENDS:
         run, dev = _torch_runner(packed, device, backend, dtype, max_batch)
     elif backend == "fused":
-        run = _fused_runner(packed, threads, dtype)
+        run = _fused_runner(packed, threads, dtype, bundle)
     else:
         run = _ort_runner(bundle, variant, threads)
     m = bundle.manifest

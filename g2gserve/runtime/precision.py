@@ -1,4 +1,5 @@
-"""Precision as a runtime option (``fp32 | tf32 | bf16 | fp16``) and the accuracy gate that admits it.
+"""Precision as a runtime option (``fp32 | tf32 | bf16 | fp16``; the fused CPU backend's ``fp32 | bf16 | int8 |
+int8-static``) and the accuracy gate that admits it.
 
 fp32 is the reference (the export's parity gate holds it to 1e-4 of PyTorch). ``tf32`` keeps fp32 weights
 and activations but lets matmuls use TF32 tensor cores (10-bit mantissa inputs); ``bf16``/``fp16`` store
@@ -24,15 +25,20 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-DTYPES = ("fp32", "tf32", "bf16", "fp16")
+DTYPES = ("fp32", "tf32", "bf16", "fp16")  # torch and triton backends
+# fused (CPU) backend: runtime.fused.PRECISIONS (not imported here: numba), and int8 at the activation scales
+# calibrated at export (export.calibration)
+FUSED_DTYPES = ("fp32", "bf16", "int8", "int8-static")
 STORAGE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 MIN_TOP1_AGREEMENT = 0.995
 GATE_IMAGES = 10_000  # the whole Fashion-MNIST / CIFAR test set
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+def check_dtype(dtype: str, backend: str = "torch") -> str:
+    allowed = FUSED_DTYPES if backend == "fused" else DTYPES
+    if dtype not in allowed:
+        raise ValueError(f"unknown dtype {dtype!r}{' for the fused backend' if backend == 'fused' else ''}; "
+                         f"choose one of {', '.join(allowed)}")
     return dtype
 
 
@@ -125,7 +131,7 @@ def precision_gate(path: str | Path, dtype: str, backend: str = "torch", device:
     test images; returns what was checked, for the manifest."""
     from g2gserve.runtime.loader import load
 
-    check_dtype(dtype)
+    check_dtype(dtype, backend)
     candidate = load(path, backend=backend, device=device, dtype=dtype)
     reference = load(path, backend="torch", device="cpu")
     images, source = real_test_images(candidate.manifest, data_dir, limit)
@@ -156,9 +162,9 @@ def gate_all(path: str | Path, dtypes: list[str], backend: str = "torch", device
     return results
 
 
-def parse_dtypes(text: str) -> list[str]:
-    """``"tf32,bf16"`` -> ["tf32", "bf16"], each checked."""
-    return [check_dtype(d) for d in text.split(",") if d]
+def parse_dtypes(text: str, backend: str = "torch") -> list[str]:
+    """``"tf32,bf16"`` -> ["tf32", "bf16"], each checked for ``backend``."""
+    return [check_dtype(d, backend) for d in text.split(",") if d]
 
 
 def markdown(results: list[dict]) -> str:
@@ -175,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Accuracy gate for reduced precision: top-1 agreement with fp32 on the "
                                             "real test set (>= 99.5%) and the largest probability difference.")
     p.add_argument("model", type=Path, help="export directory")
-    p.add_argument("--dtype", required=True, help=f"comma-separated, from {', '.join(DTYPES)}")
-    p.add_argument("--backend", choices=("torch", "triton"), default="torch")
+    p.add_argument("--dtype", required=True, help=f"comma-separated, from {', '.join(DTYPES)} (torch, triton) or "
+                                                  f"{', '.join(FUSED_DTYPES)} (fused)")
+    p.add_argument("--backend", choices=("torch", "triton", "fused"), default="torch",
+                   help="fused: the CPU kernel (int8 needs AVX512-VNNI; int8-static the export's calibration)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--data-dir", type=Path, default=None, help="where the test set is (idx files or test.npz)")
     p.add_argument("--limit", type=int, default=GATE_IMAGES, help="test images at most")
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_dir():
         p.error(f"{args.model}: not an export directory")
     try:
-        dtypes = parse_dtypes(args.dtype)
+        dtypes = parse_dtypes(args.dtype, args.backend)
     except ValueError as e:
         p.error(str(e))
     if not dtypes:
