@@ -112,7 +112,7 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     text = section(s, {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3, tmp_path)
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
-    assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; the best quantised dense" in text
+    assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; costs that do not shrink" in text
     assert "bf16 alone (fused-bf16 sparse vs its own dense twin, the only bf16 dense model), batch 64: 3.60x" in text
     # a reduced-precision ratio over the target counts only where its models passed the accuracy gate
     s = summarise({1: [_fake_run(3.6, 1.0, 1, reduced=3.2)] * 3})

@@ -89,11 +89,11 @@ WHY_MISSED = {  # {weight_ratio}: the dense twin's stored weight bytes over the 
                         "thread; what is left is the region's start and the waits at each layer's end, and the two "
                         "virtual cores of this machine are not equally fast from run to run (compare the range)",
     "threads2_speedup": "see the 2-thread scaling",
-    "reduced_batch64": "the best quantised dense model is fused-int8's own dense twin; costs that do not shrink with "
-                       "the density weigh four times as much against the sparse model: the fp32 encoder and the "
-                       "uint8 staging of every layer's input, row by row (range, scale, quantise); and the int8 "
-                       "sparse layers' short panels spend more of their time in per-call work (sums zeroed, "
-                       "rescaled, stored) than the dense twin's",
+    "reduced_batch64": "costs that do not shrink with the density weigh four times as much against the sparse "
+                       "model: the fp32 encoder, the head and, at per-row int8 scales (fused-int8), the uint8 staging "
+                       "of every layer's input (range, scale, quantise; gone at the calibrated scales of "
+                       "fused-int8-static); and the int8 sparse layers' short panels spend more of their time in "
+                       "per-call work (sums zeroed, rescaled, stored) than the dense twin's",
 }
 
 
