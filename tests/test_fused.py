@@ -57,14 +57,17 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
 def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
     """With at most half a tile of rows, a layer's panels run two per call (``_pairable``): the two panels of a
     64-wide block tile, or consecutive one-panel tiles with the same live input tiles (dense layers); never the
-    encoder, a narrow layer (the head) or tiles that read different inputs. Parity: the tests above."""
+    encoder, a narrow layer (the head) or tiles that read different inputs. With even fewer rows (``quad_rows``),
+    two such pairs per call, each with its own input tiles. Parity: the tests above."""
     from g2gserve.runtime.fused import _pairable, _plan
     isa = ISAS[host_isa()]
     pair_mode = lambda net, rows: _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32),  # noqa: E731
-                                                 net.meta, isa.max_rows, 1, False, False)[1][:, 2]
+                                                 net.meta, isa.max_rows, isa.quad_rows, 1, False, False)[1][:, 2]
     packed = pack_model(_model(**PAIRED_64), "auto")
-    for net in (FusedNet(packed), FusedNet(densify(packed))):
-        assert pair_mode(net, 1).tolist() == [0, 2, 2, 0]
+    for net in (FusedNet(packed), FusedNet(densify(packed))):  # 256 outputs: 8 panels, four pairs, two quads
+        for rows in range(1, isa.quad_rows + 1):  # two pairs per call where their sums fit in the registers
+            assert pair_mode(net, rows).tolist() == [0, 4, 4, 0]
+        assert pair_mode(net, isa.quad_rows + 1).tolist() == [0, 2, 2, 0]
         assert pair_mode(net, isa.max_rows // 2).tolist() == [0, 2, 2, 0]
         assert pair_mode(net, isa.max_rows // 2 + 1).tolist() == [0, 0, 0, 0]
     # one-panel tiles: pairable only where every even tile and the next read the same input tiles

@@ -58,12 +58,14 @@ class Isa:
     """One micro-kernel shape: ``vec``-float vectors, ``vectors`` of them per panel row (panel =
     vec * vectors output units), up to ``max_rows`` rows per call, so rows * vectors sums live in
     registers; ``chains`` is how many independent FMA chains hide the FMA latency (few rows: the
-    inputs are split over several sets of sums)."""
+    inputs are split over several sets of sums); up to ``quad_rows`` rows (0: never) two pairs of panels fit in
+    the registers at once (the quad kernel)."""
     name: str
     vec: int
     vectors: int
     max_rows: int
     chains: int
+    quad_rows: int = 0
 
     @property
     def panel(self) -> int:
@@ -71,7 +73,7 @@ class Isa:
 
 
 ISAS = {
-    "avx512": Isa("avx512", 16, 2, 12, 16),  # 32 zmm: 24 sums + 2 weight vectors + 1 broadcast
+    "avx512": Isa("avx512", 16, 2, 12, 16, 2),  # 32 zmm: 24 sums + 2 weight vectors + 1 broadcast; quads: 2 x 8 + 8 + 4
     "avx2": Isa("avx2", 8, 2, 6, 10),        # 16 ymm: 12 sums + 2 + 1
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
@@ -126,9 +128,12 @@ VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
 # model: a 32-wide panel there would read and multiply three times its 10 live columns (the head's padding was 3% of
 # the sparse model's weight bytes); and paired (two panels side by side, up to half the rows) for few rows, where a
 # panel's fixed costs (the call, its tile loop, the sums' set-up and write-out) weigh most and a single row's sums
-# use a quarter of the registers: in-process A/B at batch 1-2 it took 5-15% off the sparse model and its dense twin.
+# use a quarter of the registers: in-process A/B at batch 1-2 it took 5-15% off the sparse model and its dense twin;
+# and quad (two pairs, each with its own input tiles: two block tiles of 64) at 1-2 rows, where a sparse panel's
+# stream is short (k live tiles): in-process A/B, fp32 batch 1, 4-8% off the sparse model, the dense twin unchanged.
 KERNELS = tuple((isa, precision, vectors, span) for isa, precision in VARIANTS
-                for vectors, span in ((ISAS[isa].vectors, 1), (1, 1), (ISAS[isa].vectors, 2)))
+                for vectors, span in ((ISAS[isa].vectors, 1), (1, 1), (ISAS[isa].vectors, 2), (ISAS[isa].vectors, 4))
+                if span < 4 or ISAS[isa].quad_rows)
 
 
 def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signature, args) -> None:
@@ -136,10 +141,12 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
     bf16, int8 = precision == "bf16", precision == "int8"
     vec, pv, panel = isa.vec, isa.vectors, isa.panel
     nv = pv * span  # sum vectors per row: ``span`` panels side by side
+    groups = 2 if span == 4 else 1  # quads: two pairs of panels, the second pair's inputs from tiles[gstride + kk]
+    top_rows = isa.quad_rows if span == 4 else isa.max_rows // span
     fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
-    rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v = (
+    rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v, gstride_v = (
         context.cast(builder, args[i], signature.args[i], types.intp)
-        for i in (1, 3, 5, 6, 8, 9, 11, 14, 15, 16, 17, 20))
+        for i in (1, 3, 5, 6, 8, 9, 11, 14, 15, 16, 17, 20, 22))
     intp = context.get_value_type(types.intp)
     const = lambda v: ir.Constant(intp, v)  # noqa: E731
     data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data  # noqa: E731
@@ -163,7 +170,7 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
     acc_vec = ivec if int8 else fvec
     end = builder.append_basic_block("kernel.end")
     panel_stride = builder.mul(builder.mul(k_v, t_v), const(panel))  # one panel's elements: the next panel's start
-    cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, isa.max_rows // span + 1)]
+    cases = [(rows, builder.append_basic_block(f"kernel.rows{rows}")) for rows in range(1, top_rows + 1)]
     switch = builder.switch(rows_v, cases[0][1])
     for rows, block in cases:
         switch.add_case(ir.Constant(intp, rows), block)
@@ -187,15 +194,18 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
             else:
                 w_vecs = [load_vec(at(w_rows[c // pv], const(vec * (c % pv))), fvec) for c in range(nv)]
             for r in range(rows):
-                if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
-                    value = builder.load(builder.bitcast(at(x_rows[r], i), _I32.as_pointer()), typ=_I32)
-                    bcast = builder.shuffle_vector(builder.insert_element(undef_i, value, ir.Constant(_I32, 0)),
-                                                   undef_i, splat)
-                else:
-                    value = builder.load(at(x_rows[r], i), typ=_F32)
-                    bcast = builder.shuffle_vector(builder.insert_element(undef_f, value, ir.Constant(_I32, 0)),
-                                                   undef_f, splat)
+                bcasts = []
+                for g in range(groups):
+                    if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
+                        value = builder.load(builder.bitcast(at(x_rows[g][r], i), _I32.as_pointer()), typ=_I32)
+                        bcasts.append(builder.shuffle_vector(builder.insert_element(undef_i, value, ir.Constant(_I32, 0)),
+                                                             undef_i, splat))
+                    else:
+                        value = builder.load(at(x_rows[g][r], i), typ=_F32)
+                        bcasts.append(builder.shuffle_vector(builder.insert_element(undef_f, value, ir.Constant(_I32, 0)),
+                                                             undef_f, splat))
                 for c, w_vec in enumerate(w_vecs):
+                    bcast = bcasts[c * groups // nv]
                     slot = slots[nv * r + c]
                     acc = builder.load(slot, typ=acc_vec)
                     if group > 1:
@@ -207,8 +217,11 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
         main = builder.udiv(steps, const(splits)) if splits > 1 else steps
         with cgutils.for_range(builder, k_v) as tile:
             w_base = at(data(2), builder.add(w_off_v, builder.mul(tile.index, builder.mul(t_v, const(panel)))), w_type)
-            src = builder.mul(builder.load(builder.gep(tiles_ptr, [tile.index], source_etype=intp), typ=intp), steps)
-            x_rows = [at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)]
+            x_rows = []
+            for g in range(groups):
+                live = builder.add(tile.index, builder.mul(gstride_v, const(g)))
+                src = builder.mul(builder.load(builder.gep(tiles_ptr, [live], source_etype=intp), typ=intp), steps)
+                x_rows.append([at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)])
             with cgutils.for_range(builder, main) as loop:
                 for s_, slots in enumerate(sets):
                     step(w_base, x_rows, builder.add(builder.mul(loop.index, const(splits)), const(s_)), slots)
@@ -271,15 +284,16 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
 
 @intrinsic
 def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld,
-            s_off, c_off, rs, rz, row0, q_inv):
+            s_off, c_off, rs, rz, row0, q_inv, gstride):
     """_kernel(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, lo, dest, dest_off, ld,
-    s_off, c_off, rs, rz, row0, q_inv):
+    s_off, c_off, rs, rz, row0, q_inv, gstride):
     dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
     units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
     ``KERNELS``) picks the vector width, tile and precision. A paired variant computes two panels side by side
     (outputs and biases 2*panel wide, the second panel's weights k*t*panel elements after the first's) for
-    1..max_rows / 2 rows.
+    1..max_rows / 2 rows; a quad variant four (two pairs, the second pair reading input tiles tiles[gstride + kk]
+    instead of tiles[kk]) for 1..quad_rows rows.
 
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
@@ -309,10 +323,10 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
         raise numba.core.errors.TypingError(f"micro-kernel: w must be C-contiguous {wtype}, x, bias and dest "
                                             "float32, tiles intp")
     if not all(isinstance(i, types.Integer) for i in (rows, w_off, x_off, ldx, k, t, b_off, dest_off, ld, s_off, c_off,
-                                                      row0)):
+                                                      row0, gstride)):
         raise numba.core.errors.TypingError("micro-kernel: offsets and counts must be integers")
     sig = types.void(variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias, b_off, types.float32, dest,
-                     dest_off, ld, s_off, c_off, rs, rz, row0, types.float32)
+                     dest_off, ld, s_off, c_off, rs, rz, row0, types.float32, gstride)
 
     def codegen(context, builder, signature, args):
         _emit_kernel(replace(ISAS[isa_name], vectors=vectors), precision, span, context, builder, signature, args)
@@ -477,13 +491,15 @@ def _pairable(li, meta, tiles):
 
 
 @_njit
-def _plan(x, meta, max_rows, threads, bf16, int8):
+def _plan(x, meta, max_rows, quad_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
     into jobs: (n_layers, 3) = jobs, row parts per job (several where there are too few panels for the threads),
     mode: 1 patch-row mode (the encoder with fewer images than patches per patch row: a job is one patch row of one
     image, its patches the kernel's rows, instead of one patch for every image), 2 pair mode (at most max_rows / 2
-    rows, ``_pairable``: a job is two panels side by side for all the rows, the paired kernel), else 0."""
+    rows, ``_pairable``: a job is two panels side by side for all the rows, the paired kernel), 4 quad mode (at most
+    quad_rows rows, a pairable layer with a multiple of four panels: a job is two such pairs, each reading its own
+    input tiles, the quad kernel), else 0."""
     rows, n_layers = x.shape[0], meta.shape[0]
     offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 3), np.int64)
     width, size = x.shape[1], 0
@@ -504,6 +520,8 @@ def _plan(x, meta, max_rows, threads, bf16, int8):
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
+        elif 0 < rows <= quad_rows and meta[li, 16] and n_jobs % 4 == 0:  # two pairs per call (quad mode)
+            jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 4, 1, 4
         elif 0 < rows <= max_rows // 2 and meta[li, 16]:  # pairable (``_pairable``, decided at load)
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
@@ -541,7 +559,7 @@ def _stage(li, h, biases, meta, scratch, offsets, counters, claim, bf16, int8):
 
 @_njit
 def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, claim, code, code_fp32,
-          code_narrow, code_pair, max_rows, bf16, int8):
+          code_narrow, code_pair, code_quad, max_rows, bf16, int8):
     """Layer li's jobs (see ``_plan``): each one panel of one output tile for a part of the rows, through the
     micro-kernel, straight into the layer's output (bias, ReLU but on the head). Every job, or with ``claim`` the
     jobs this thread claims from counters[4*li + 2] (counted done in counters[4*li + 3]). One call per layer, not
@@ -568,6 +586,19 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     chunks = (rows + max_rows - 1) // max_rows
     small, extra = rows // chunks, rows % chunks
     job = -1
+    if jobs[li, 2] == 4:  # quad mode: panels 4*job .. 4*job + 3, two pairs each reading alike (see _plan)
+        while True:
+            job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
+            if job >= jobs[li, 0]:
+                return
+            o, c, o2 = 4 * job // n_panels, 4 * job % n_panels, (4 * job + 2) // n_panels
+            live = tiles[t_off + o * k:t_off + (o2 + 1) * k]
+            col = o * t_out + c * panel_width
+            _kernel(numba.literally(code_quad), rows, weights, w_off + (o * n_panels + c) * panel_size, flat, 0, ldx,
+                    live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
+                    0, q_inv, (o2 - o) * k)
+            if claim:
+                _fetch_add(counters, 4 * li + 3)
     if jobs[li, 2] == 2:  # pair mode (see _pairable): panels 2*job and 2*job + 1 side by side, all rows in one call
         while True:
             job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
@@ -578,7 +609,7 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             col = o * t_out + c * panel_width
             _kernel(numba.literally(code_pair), rows, weights, w_off + (o * n_panels + c) * panel_size, flat, 0, ldx,
                     live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
-                    0, q_inv)
+                    0, q_inv, 0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     if jobs[li, 2] == 1:  # patch-row mode (see _plan): patch px of the row is the kernel's row px, p values apart
@@ -593,10 +624,10 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             col = py * across * t_out + c * panel_width
             if floats:
                 _kernel(numba.literally(code_fp32), across, biases, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv)
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv, 0)
             else:
                 _kernel(numba.literally(code), across, weights, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv)
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv, 0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     while True:
@@ -617,13 +648,13 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             at, ld = (b0 * width_out + col, width_out) if full else (0, panel_width)
             if floats:
                 _kernel(numba.literally(code_fp32), n, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0, q_inv)
+                        b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0, q_inv, 0)
             elif narrow:
                 _kernel(numba.literally(code_narrow), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv)
+                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             else:
                 _kernel(numba.literally(code), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv)
+                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             if not full:
                 for r in range(n):
                     dest[(b0 + r) * width_out + col:(b0 + r) * width_out + col + width] = \
@@ -642,7 +673,8 @@ def _output(li, x, scratch, offsets, meta):
 
 
 @_njit
-def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, max_rows, bf16, int8):
+def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_quad, max_rows, quad_rows,
+            bf16, int8):
     """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row), one thread.
 
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
@@ -654,7 +686,7 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_
     on several threads (kept apart: passing the planned buffers into one shared loop from the serial forward cost
     ~0.4 us, 1%, at batch 1). ``code``, ``code_fp32`` and ``code_narrow`` (indices into KERNELS: the micro-kernel,
     the fp32 one of the same ISA, the narrow one) must be compile-time constants."""
-    offsets, jobs = _plan(x, meta, max_rows, 1, bf16, int8)
+    offsets, jobs = _plan(x, meta, max_rows, quad_rows, 1, bf16, int8)
     scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
     none = np.zeros(0, np.int64)
     for li in range(meta.shape[0]):
@@ -662,13 +694,13 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_
         if (bf16 or int8) and not meta[li, 12]:
             _stage(li, h, biases, meta, scratch, offsets, none, False, bf16, int8)
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, code_narrow,
-              code_pair, max_rows, bf16, int8)
+              code_pair, code_quad, max_rows, bf16, int8)
     return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
 
 @_njit
 def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-           code_pair, max_rows, bf16, int8):
+           code_pair, code_quad, max_rows, bf16, int8):
     """One thread's part of ``_layers`` with several threads: every step (a layer's staging, then its panels) is a
     list of items that the threads claim one at a time from a shared counter and count when done; a thread that
     finds none left waits until all are done, then goes on to the next step. All threads meet once per step, in
@@ -680,7 +712,7 @@ def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, co
             _stage(li, h, biases, meta, scratch, offsets, counters, True, bf16, int8)
             _wait_for(counters, 4 * li + 1, h.shape[0])
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, True, code, code_fp32,
-              code_narrow, code_pair, max_rows, bf16, int8)
+              code_narrow, code_pair, code_quad, max_rows, bf16, int8)
         _wait_for(counters, 4 * li + 3, jobs[li, 0] * jobs[li, 1])
 
 
@@ -699,18 +731,20 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     code, max_rows = KERNELS.index((isa_name, precision, isa.vectors, 1)), isa.max_rows
     code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors, 1)), KERNELS.index((isa_name, precision, 1, 1))
     code_pair = KERNELS.index((isa_name, precision, isa.vectors, 2))
+    code_quad = KERNELS.index((isa_name, precision, isa.vectors, 4)) if isa.quad_rows else code_pair  # (unused)
+    quad_rows = isa.quad_rows
     bf16, int8 = precision == "bf16", precision == "int8"
 
     def forward(x, weights, biases, tiles, meta, threads):
         if not parallel:
-            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, max_rows, bf16,
-                           int8)
-        offsets, jobs = _plan(x, meta, max_rows, threads, bf16, int8)
+            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_quad, max_rows,
+                           quad_rows, bf16, int8)
+        offsets, jobs = _plan(x, meta, max_rows, quad_rows, threads, bf16, int8)
         scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
         counters = np.zeros(4 * meta.shape[0], np.int64)
         for _ in prange(threads):
             _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-                   code_pair, max_rows, bf16, int8)
+                   code_pair, code_quad, max_rows, bf16, int8)
         return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
