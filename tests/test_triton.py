@@ -182,6 +182,18 @@ def test_block_sizes_the_kernel_cannot_take_stay_on_torch(tmp_path):
     assert (m.logits(x).cpu() - model(x)).abs().max().item() < 1e-4
 
 
+def test_each_backend_names_its_own_precisions():
+    from g2gserve.runtime.precision import main as gate_main, parse_dtypes
+    assert parse_dtypes("int8,int8-static", "fused") == ["int8", "int8-static"]
+    assert parse_dtypes("tf32,bf16") == ["tf32", "bf16"]
+    with pytest.raises(ValueError, match="unknown dtype 'int8-static'; choose one of fp32, tf32, bf16, fp16"):
+        parse_dtypes("int8-static")
+    with pytest.raises(ValueError, match="for the fused backend; choose one of fp32, bf16, int8, int8-static"):
+        parse_dtypes("fp16", "fused")
+    with pytest.raises(SystemExit):
+        gate_main([".", "--backend", "fused", "--dtype", "tf32"])
+
+
 def test_dtype_is_checked_where_it_cannot_apply(tmp_path):
     _, path = _checkpoint(tmp_path, granularity="block", block_size=16)
     with pytest.raises(ValueError, match="unknown dtype"):

@@ -3,8 +3,8 @@
 ``fused-bf16`` is the fused backend with bfloat16 weights (fp32 sums), ``fused-int8`` with int8 weights and
 per-row uint8 inputs (VNNI, int32 sums), ``fused-int8-static`` the same at the activation scales calibrated at
 export (no per-call staging). ``onnxruntime-int8`` is each ONNX graph after onnxruntime's own ``quantize_dynamic``
-(int8 weights, activations quantised per call) and ``onnxruntime-int8-static`` after its ``quantize_static``
-(QDQ, per-tensor, calibrated on the same training images as the export's scales): the quantised dense models
+(int8 weights, activations quantised per call) and ``onnxruntime-int8-static`` after its pre-processing and
+``quantize_static`` (QDQ, per-tensor, calibrated on the same training images as the export's scales): the quantised dense models
 onnxruntime users would reach for. All are benchmark-only backend names.
 """
 from __future__ import annotations
@@ -46,8 +46,12 @@ def quantized_onnx(source: Path, threads: int | None, calibration: np.ndarray | 
         target = Path(tmp) / "int8.onnx"
         if calibration is None:
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-        else:  # per-tensor weights: onnxruntime's QLinearMatMul refuses per-channel ones in the block graph
-            quantize_static(str(source), str(target), Batches(calibration), quant_format=QuantFormat.QDQ,
+        else:  # onnxruntime's recommended flow: its pre-processing (shape inference, graph optimisation; ~2% faster
+            # here), then QDQ with per-tensor weights (its QLinearMatMul refuses per-channel ones in the block graph)
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(source), str(prepared))
+            quantize_static(str(prepared), str(target), Batches(calibration), quant_format=QuantFormat.QDQ,
                             per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return ort_session(target, threads)
 
