@@ -731,7 +731,8 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     code, max_rows = KERNELS.index((isa_name, precision, isa.vectors, 1)), isa.max_rows
     code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors, 1)), KERNELS.index((isa_name, precision, 1, 1))
     code_pair = KERNELS.index((isa_name, precision, isa.vectors, 2))
-    code_quad = KERNELS.index((isa_name, precision, isa.vectors, 4)) if isa.quad_rows else code_pair  # (unused)
+    # no quad kernel on the 16-register shapes: _plan never picks quad mode there, the pair one stands in
+    code_quad = KERNELS.index((isa_name, precision, isa.vectors, 4)) if isa.quad_rows else code_pair
     quad_rows = isa.quad_rows
     bf16, int8 = precision == "bf16", precision == "int8"
 
@@ -938,7 +939,7 @@ class FusedNet:
     def _static_scales(self, scales: Sequence[float] | None) -> int:
         """Record int8 static activation scales: layer li's outputs (the encoder's, every hidden layer's; all a ReLU's,
         so zero point 0) go out as uint8 at scales[li], so its consumer skips staging (range, scale and quantise per
-        row, ~10% of an int8 forward at batch 64). Only where the consumer's input tiles need no padding to quads
+        row: about a quarter of the int8 sparse forward at batch 64). Only where the consumer's input tiles need no padding to quads
         and the producer writes whole panels; elsewhere the per-row staging stays. Returns how many layers."""
         if scales is None:
             return 0
