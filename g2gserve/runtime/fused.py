@@ -198,12 +198,12 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
                 for g in range(groups):
                     if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
                         value = builder.load(builder.bitcast(at(x_rows[g][r], i), _I32.as_pointer()), typ=_I32)
-                        bcasts.append(builder.shuffle_vector(builder.insert_element(undef_i, value, ir.Constant(_I32, 0)),
-                                                             undef_i, splat))
+                        undef = undef_i
                     else:
                         value = builder.load(at(x_rows[g][r], i), typ=_F32)
-                        bcasts.append(builder.shuffle_vector(builder.insert_element(undef_f, value, ir.Constant(_I32, 0)),
-                                                             undef_f, splat))
+                        undef = undef_f
+                    bcasts.append(builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)),
+                                                         undef, splat))
                 for c, w_vec in enumerate(w_vecs):
                     bcast = bcasts[c * groups // nv]
                     slot = slots[nv * r + c]
@@ -624,10 +624,12 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             col = py * across * t_out + c * panel_width
             if floats:
                 _kernel(numba.literally(code_fp32), across, biases, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv, 0)
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv,
+                        0)
             else:
                 _kernel(numba.literally(code), across, weights, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv, 0)
+                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv,
+                        0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     while True:
@@ -931,7 +933,7 @@ class FusedNet:
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
         pairable = META.index("pairable")
-        self.meta[:, pairable] = [_pairable(li, self.meta, self.tiles) for li in range(len(meta))]  # once, not per forward
+        self.meta[:, pairable] = [_pairable(li, self.meta, self.tiles) for li in range(len(meta))]  # once, at load
         self.static_layers = self._static_scales(activation_scales)
         self.input_shape = tuple(packed.input_shape)
         self._forward = _compiled(isa, precision, threads > 1)
@@ -939,8 +941,9 @@ class FusedNet:
     def _static_scales(self, scales: Sequence[float] | None) -> int:
         """Record int8 static activation scales: layer li's outputs (the encoder's, every hidden layer's; all a ReLU's,
         so zero point 0) go out as uint8 at scales[li], so its consumer skips staging (range, scale and quantise per
-        row: about a quarter of the int8 sparse forward at batch 64). Only where the consumer's input tiles need no padding to quads
-        and the producer writes whole panels; elsewhere the per-row staging stays. Returns how many layers."""
+        row: about a quarter of the int8 sparse forward at batch 64). Only where the consumer's input tiles need no
+        padding to quads and the producer writes whole panels; elsewhere the per-row staging stays. Returns how many
+        layers."""
         if scales is None:
             return 0
         n_out = self.meta.shape[0] - 1  # every layer but the head
