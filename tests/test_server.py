@@ -266,3 +266,25 @@ def test_serve_cli_refuses_bad_models_before_starting(tmp_path, capsys):
     (tmp_path / "exp").mkdir()
     assert main([str(tmp_path / "exp")]) == 2
     assert "incomplete export" in capsys.readouterr().err
+
+
+def test_serves_the_fused_backend_at_int8_static_scales(tmp_path, idx_dir):
+    """g2g-serve --backend fused --dtype int8-static: the export's calibrated scales, answers close to fp32."""
+    from g2gserve.model.checkpoint import save_checkpoint
+    from g2gserve.runtime.fused import host_isa, supported
+    if not supported(host_isa(), "int8"):
+        pytest.skip("int8 needs AVX512-VNNI, which this CPU lacks")
+    _, ckpt, path = _checkpoint(tmp_path, granularity="block", block_size=16, conv_channels=32)
+    ckpt.meta["dataset"] = "fashion-mnist"
+    save_checkpoint(path, ckpt)
+    export_checkpoint(path, tmp_path / "exp", data_dir=idx_dir)
+    imgs = [_png(i) for i in range(4)]
+    pixels = np.stack([np.array(Image.open(io.BytesIO(b)))[None] for b in imgs])
+    expected = load(tmp_path / "exp", backend="fused").predict(pixels)
+    with TestClient(_app(tmp_path / "exp", backend="fused", dtype="int8-static", calibrate=False)) as c:
+        got = c.post("/classify?top_k=10", files=[("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(imgs)])
+        assert got.status_code == 200
+        for i, pred in enumerate(got.json()["predictions"]):
+            probs = {s["class_id"]: s["probability"] for s in pred["top_k"]}
+            assert max(abs(probs[k] - float(expected[i, k])) for k in range(10)) < 0.05
+        assert c.get("/stats").json()["config"]["dtype"] == "int8-static"
