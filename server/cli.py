@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from g2gserve.runtime import BACKENDS, DTYPES
-from g2gserve.runtime.precision import FUSED_DTYPES
+from g2gserve.runtime import BACKENDS
+from g2gserve.runtime.precision import ALL_DTYPES
 
 from . import hardening
 from .app import create_app
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="cuda: torch or triton backend on the GPU, each batch size bucket (powers of two up to "
                         "--max-batch) replayed as a CUDA graph")
-    p.add_argument("--dtype", choices=DTYPES + tuple(d for d in FUSED_DTYPES if d not in DTYPES), default=d.dtype,
+    p.add_argument("--dtype", choices=ALL_DTYPES, default=d.dtype,
                    help="precision: torch/triton backends fp32, tf32, bf16, fp16; fused backend fp32, bf16, int8 "
                         "(AVX512-VNNI; inputs quantised per call) or int8-static (the export's calibrated scales, "
                         "faster). Check it first: python -m g2gserve.runtime.precision MODEL --backend B --dtype D")

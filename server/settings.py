@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from g2gserve.data.images import DEFAULT_MAX_PIXELS
-from g2gserve.runtime.precision import DTYPES, FUSED_DTYPES
+from g2gserve.runtime.precision import dtypes_for
 
 CONFIG_ENV = "G2G_SERVE_CONFIG"  # how ``--workers N`` hands the settings to each worker process
 
@@ -56,7 +56,7 @@ class ServeConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose sparse or dense")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError("decode_threads must be at least 1")
-        allowed = {"torch": DTYPES, "triton": DTYPES, "fused": FUSED_DTYPES}.get(self.backend, ("fp32",))
+        allowed = dtypes_for(self.backend)
         if self.dtype not in allowed:
             raise ValueError(f"--dtype {self.dtype}: the {self.backend} backend computes in {', '.join(allowed)}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from g2gserve.bench.reduced import load_bench_model
+from g2gserve.bench.reduced import load_bench_model, runnable
 from g2gserve.fileio import atomic_write_text
 
 GATE = 0.995  # top-1 agreement with fp32 (issue 13, as in the GPU issue)
@@ -64,7 +64,6 @@ def markdown(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from g2gserve.data.datasets import DataError, load_split
     from g2gserve.runtime.loader import open_bundle
-    from g2gserve.runtime.fused import supported
 
     p = argparse.ArgumentParser(prog="python -m g2gserve.bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="export directory")
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy: error: {e}", file=sys.stderr)
         return 1
     images, labels = np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit]
-    backends = ["onnxruntime-int8", "onnxruntime-int8-static",
-                *(b for b, _ in PAIRS if b.startswith("fused-") and supported("avx512", b.split("-")[1]))]
-    rows = precision_gate(args.model, images, labels, backends, args.threads, data_dir=args.data_dir)
+    rows = precision_gate(args.model, images, labels, runnable(), args.threads, data_dir=args.data_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"model": str(args.model), "dataset": manifest["dataset"], "rows": rows},
                                            indent=1) + "\n")

@@ -22,6 +22,12 @@ REDUCED = {"fused-bf16": "bf16", "fused-int8": "int8", "fused-int8-static": "int
            "onnxruntime-int8-static": "int8-static"}
 
 
+def runnable() -> list[str]:
+    """The reduced-precision backends this CPU runs (the fused ones need AVX512-BF16 / AVX512-VNNI)."""
+    from g2gserve.runtime.fused import supported
+    return [b for b, p in REDUCED.items() if not b.startswith("fused-") or supported("avx512", p.removesuffix("-static"))]
+
+
 def precision_of(backend: str) -> str:
     """fp32 for the runtime's own backends."""
     return REDUCED.get(backend, "fp32")

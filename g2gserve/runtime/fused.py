@@ -586,30 +586,24 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     chunks = (rows + max_rows - 1) // max_rows
     small, extra = rows // chunks, rows % chunks
     job = -1
-    if jobs[li, 2] == 4:  # quad mode: panels 4*job .. 4*job + 3, two pairs each reading alike (see _plan)
+    if jobs[li, 2] == 2 or jobs[li, 2] == 4:  # pair / quad mode (see _plan): panels span*job .. +span side by side
+        span = jobs[li, 2]
         while True:
             job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
             if job >= jobs[li, 0]:
                 return
-            o, c, o2 = 4 * job // n_panels, 4 * job % n_panels, (4 * job + 2) // n_panels
+            first = span * job
+            o, c, o2 = first // n_panels, first % n_panels, (first + span - 2) // n_panels  # o2: the last pair's tile
             live = tiles[t_off + o * k:t_off + (o2 + 1) * k]
             col = o * t_out + c * panel_width
-            _kernel(numba.literally(code_quad), rows, weights, w_off + (o * n_panels + c) * panel_size, flat, 0, ldx,
-                    live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
-                    0, q_inv, (o2 - o) * k)
-            if claim:
-                _fetch_add(counters, 4 * li + 3)
-    if jobs[li, 2] == 2:  # pair mode (see _pairable): panels 2*job and 2*job + 1 side by side, all rows in one call
-        while True:
-            job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
-            if job >= jobs[li, 0]:
-                return
-            o, c = 2 * job // n_panels, 2 * job % n_panels
-            live = tiles[t_off + o * k:t_off + (o + 1) * k]
-            col = o * t_out + c * panel_width
-            _kernel(numba.literally(code_pair), rows, weights, w_off + (o * n_panels + c) * panel_size, flat, 0, ldx,
-                    live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
-                    0, q_inv, 0)
+            if span == 4:  # the second pair reads tiles (o2 - o) * k further on
+                _kernel(numba.literally(code_quad), rows, weights, w_off + first * panel_size, flat, 0, ldx, live, k,
+                        t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros, 0,
+                        q_inv, (o2 - o) * k)
+            else:
+                _kernel(numba.literally(code_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live, k,
+                        t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros, 0,
+                        q_inv, 0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     if jobs[li, 2] == 1:  # patch-row mode (see _plan): patch px of the row is the kernel's row px, p values apart
@@ -954,20 +948,19 @@ class FusedNet:
             raise ValueError(f"fused: activation scales must be {n_out} positive numbers (encoder and hidden layers' "
                              f"outputs), got {scales.tolist()}")
         col = {name: META.index(name) for name in META}
-        extra, b_size, done = [], self.biases.size, 0
+        extra, b_size = [], self.biases.size
         for li in range(n_out):
             m, nxt = self.meta[li], self.meta[li + 1]
             whole = m[col["t_out"]] % m[col["panel"]] == 0 and m[col["out_features"]] == m[col["n_tiles"]] * m[col["t_out"]]
             if whole and nxt[col["t_kernel"]] == nxt[col["t_in"]] and not nxt[col["float_weights"]]:
                 self.meta[li, col["quant_offset"]] = b_size + 2 * len(extra)
                 extra.append((scales[li], np.float32(1.0) / scales[li]))
-                done += 1
         if extra:
             grown = _aligned(b_size + 2 * len(extra) + self.isa.panel, np.float32, 16)
             grown[:b_size] = self.biases
             grown[b_size:b_size + 2 * len(extra)] = np.asarray(extra, np.float32).reshape(-1)
             self.biases = grown
-        return done
+        return len(extra)
 
     @property
     def variant(self) -> dict:

@@ -25,7 +25,7 @@ from g2gserve.bundle import Bundle, ExportError, read_bundle
 from g2gserve.data.preprocess import Preprocess
 from g2gserve.errors import CheckpointError
 from g2gserve.formats import PackedNet, densify
-from g2gserve.runtime.precision import DTYPES, FUSED_DTYPES, check_dtype
+from g2gserve.runtime.precision import DTYPES, check_dtype, dtypes_for
 
 BACKENDS = ("torch", "onnxruntime", "fused", "triton")
 CPU_BACKENDS = ("torch", "onnxruntime", "fused")
@@ -160,8 +160,8 @@ def load(path: str | Path, backend: str = "torch", device: str = "cpu", variant:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose sparse or dense")
     if backend == "fused":
-        if dtype not in FUSED_DTYPES:
-            raise ValueError(f"the fused backend computes in {', '.join(FUSED_DTYPES)}; got dtype {dtype!r}")
+        if dtype not in dtypes_for("fused"):
+            raise ValueError(f"the fused backend computes in {', '.join(dtypes_for('fused'))}; got dtype {dtype!r}")
     else:
         check_dtype(dtype)
     if backend not in TORCH_BACKENDS and device not in ("cpu", "auto"):

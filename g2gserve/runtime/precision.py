@@ -29,13 +29,19 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")  # torch and triton backends
 # fused (CPU) backend: runtime.fused.PRECISIONS (not imported here: numba), and int8 at the activation scales
 # calibrated at export (export.calibration)
 FUSED_DTYPES = ("fp32", "bf16", "int8", "int8-static")
+ALL_DTYPES = tuple(dict.fromkeys(DTYPES + FUSED_DTYPES))
+
+
+def dtypes_for(backend: str) -> tuple[str, ...]:
+    """The precisions ``backend`` computes in (onnxruntime: fp32 only)."""
+    return DTYPES if backend in ("torch", "triton") else FUSED_DTYPES if backend == "fused" else ("fp32",)
 STORAGE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 MIN_TOP1_AGREEMENT = 0.995
 GATE_IMAGES = 10_000  # the whole Fashion-MNIST / CIFAR test set
 
 
 def check_dtype(dtype: str, backend: str = "torch") -> str:
-    allowed = FUSED_DTYPES if backend == "fused" else DTYPES
+    allowed = dtypes_for(backend)
     if dtype not in allowed:
         raise ValueError(f"unknown dtype {dtype!r}{' for the fused backend' if backend == 'fused' else ''}; "
                          f"choose one of {', '.join(allowed)}")
