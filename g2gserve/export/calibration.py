@@ -1,8 +1,9 @@
 """Static activation scales for int8 serving, calibrated at export on real training images.
 
 Why: the fused int8 kernel multiplies uint8 inputs by int8 weights. Without calibration every layer's input is
-staged per call, each row at a range of its own (a pass over the row for the range, another to quantise it): at
-batch 64 about a quarter of an int8 forward of the sparse model, costs that do not shrink with the density.
+staged per call, each row at a range of its own (a pass over the row for the range, another to quantise it):
+costs that do not shrink with the density (static scales take ~18% off the int8 sparse forward at batch 64,
+docs/kernel.md).
 With one scale per layer output, fixed here once, each layer's epilogue writes the next layer's uint8 inputs
 itself (``FusedNet(..., activation_scales=...)``) and the staging disappears; ``onnxruntime``'s
 ``quantize_static`` is the same idea for its graphs. Every scaled output is a ReLU's, so the zero point is 0 and
