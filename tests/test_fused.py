@@ -14,6 +14,7 @@ from conftest import tiny_config
 
 
 PAIRED_64 = dict(granularity="block", hidden=(256, 256), block_size=64, conv_channels=16)  # block tiles of 64
+ODD_64 = dict(granularity="block", hidden=(192, 384), block_size=64, conv_channels=12, groups=3, sparsity=0.5)  # 3, 6
 
 
 def _model(**kw):
@@ -41,8 +42,10 @@ def _error(net, model, batch):
     (dict(kind="dense"), "auto"),
     (dict(kind="dense-params"), "auto"),           # 23 units: tiles of 1, odd output counts
     (dict(in_channels=3, image_size=32, granularity="block"), "auto"),
-    (PAIRED_64, "auto"),                           # two panels per output tile: pair mode within a tile
+    (PAIRED_64, "auto"),                           # two panels per output tile: pair mode within a tile / wide panels
     (PAIRED_64 | dict(block_size=32), "auto"),     # one panel per tile: pair mode across tiles reading alike
+    (ODD_64, "auto"),                              # an odd number of wide tiles: the last one alone at 1-2 rows
+    (PAIRED_64 | dict(block_size=128, groups=2, sparsity=0.5), "auto"),  # two wide panels per tile: a wide pair reading the same tiles
 ])
 def test_matches_pytorch_at_every_batch_size(kw, fmt):
     model = _model(**kw)
@@ -54,22 +57,25 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
             assert err < 1e-4, (kw, fmt, batch, err)
 
 
+def _modes(net, rows):
+    """How each layer of ``net`` but the encoder runs at ``rows`` rows (``_plan``'s mode column) and its jobs."""
+    from g2gserve.runtime.fused import _plan
+    jobs = _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32), net.meta, net.isa.max_rows,
+                 net.isa.wide_pair_rows, 1, False, False)[1][1:]
+    return jobs[:, 2].tolist(), jobs[:, 0].tolist()
+
+
 def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
     """With at most half a tile of rows, a layer's panels run two per call (``_pairable``): the two panels of a
     64-wide block tile, or consecutive one-panel tiles with the same live input tiles (dense layers); never the
-    encoder, a narrow layer (the head) or tiles that read different inputs. With even fewer rows (``quad_rows``),
-    two such pairs per call, each with its own input tiles. Parity: the tests above."""
-    from g2gserve.runtime.fused import _pairable, _plan
-    isa = ISAS[host_isa()]
-    pair_mode = lambda net, rows: _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32),  # noqa: E731
-                                                 net.meta, isa.max_rows, isa.quad_rows, 1, False, False)[1][:, 2]
+    encoder, a narrow layer (the head) or tiles that read different inputs. Parity: the tests above."""
+    from g2gserve.runtime.fused import _pairable
+    isa = ISAS["avx2"]  # no wide panels: 64-wide tiles are four 16-wide panels
     packed = pack_model(_model(**PAIRED_64), "auto")
-    for net in (FusedNet(packed), FusedNet(densify(packed))):  # 256 outputs: 8 panels, four pairs, two quads
-        for rows in range(1, isa.quad_rows + 1):  # two pairs per call where their sums fit in the registers
-            assert pair_mode(net, rows).tolist() == [0, 4, 4, 0]
-        assert pair_mode(net, isa.quad_rows + 1).tolist() == [0, 2, 2, 0]
-        assert pair_mode(net, isa.max_rows // 2).tolist() == [0, 2, 2, 0]
-        assert pair_mode(net, isa.max_rows // 2 + 1).tolist() == [0, 0, 0, 0]
+    for net in (FusedNet(packed, isa="avx2"), FusedNet(densify(packed), isa="avx2")):  # 256 outputs: 16 panels
+        assert _modes(net, 1) == ([2, 2, 0], [8, 8, 1])
+        assert _modes(net, isa.max_rows // 2)[0] == [2, 2, 0]
+        assert _modes(net, isa.max_rows // 2 + 1)[0] == [0, 0, 0]
     # one-panel tiles: pairable only where every even tile and the next read the same input tiles
     meta = np.zeros((1, len(META)), np.int64)
     meta[0, [META.index(c) for c in ("n_tiles", "k", "t_out", "out_features", "panel")]] = (4, 2, isa.panel,
@@ -78,6 +84,25 @@ def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
     assert _pairable(0, meta, same) and not _pairable(0, meta, differ)
     meta[0, META.index("out_features")] -= 1  # the last panel cut short
     assert not _pairable(0, meta, same)
+
+
+@pytest.mark.skipif(not ISAS[host_isa()].wide, reason="no wide panels on this CPU's kernel shape")
+def test_wide_panels_for_tiles_of_two_panels_two_per_call_at_one_or_two_rows():
+    """Where the kernel shape has them (AVX-512), output tiles of a multiple of two panels (block tiles of 64 and 128,
+    every dense layer of the dense twin, in tiles of 64) get wide panels, one weight stream per tile; at up to
+    ``wide_pair_rows`` rows two of them run per call, each with its own input tiles (two block tiles, or the two
+    panels of a 128-wide tile); the encoder, the head and block tiles of 32 keep their panels. Parity: above."""
+    isa = ISAS[host_isa()]
+    wide, panel = META.index("wide"), META.index("panel")
+    packed = pack_model(_model(**PAIRED_64), "auto")
+    for net in (FusedNet(packed), FusedNet(densify(packed))):  # 256 outputs: four wide panels
+        assert net.meta[:, wide].tolist() == [0, 1, 1, 0] and net.meta[1, panel] == 2 * isa.panel
+        for rows in range(1, isa.wide_pair_rows + 1):
+            assert _modes(net, rows) == ([3, 3, 0], [2, 2, 1])
+        assert _modes(net, isa.wide_pair_rows + 1)[0] == [0, 0, 0]
+    odd = FusedNet(pack_model(_model(**ODD_64), "auto"))  # three tiles: no pairs
+    assert odd.meta[:, wide].tolist() == [0, 1, 1, 0] and _modes(odd, 1)[0] == [0, 3, 0]
+    assert FusedNet(pack_model(_model(**PAIRED_64 | dict(block_size=32)), "auto")).meta[:, wide].tolist() == [0] * 4
 
 
 def test_narrow_panels_where_one_vector_holds_a_tile():
@@ -201,6 +226,7 @@ def test_variant_is_chosen_for_the_cpu():
     assert ISAS["avx512"].max_rows * ISAS["avx512"].vectors > ISAS["avx2"].max_rows * ISAS["avx2"].vectors
     d = describe()
     assert d["isa"] == host_isa() and d["tile_columns"] == ISAS[host_isa()].panel
+    assert d["tile"].startswith(f"{d['tile_rows']} x {d['tile_columns']}")
 
 
 def test_dense_layers_are_panels_over_one_input_tile_spanning_all_inputs():

@@ -16,7 +16,8 @@ the head, and every one of them is the same loop over *panels*:
 * bias and ReLU are applied as the sums are written out.
 
 The vector width and register blocking (``ISAS``) are chosen once, at load, for the CPU (``host_isa``):
-16-float vectors and a 12 x 32 tile where AVX-512 is present (32 vector registers), 8-float vectors and
+16-float vectors and a 12 x 32 tile where AVX-512 is present (32 vector registers; output tiles of 64 as one
+6 x 64 panel), 8-float vectors and
 6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON). With ``threads`` > 1 the threads
 claim the panels (and, where there are few, the row chunks) of every layer from shared counters, in one
 parallel region (``_share``).
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import mmap
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -58,14 +59,16 @@ class Isa:
     """One micro-kernel shape: ``vec``-float vectors, ``vectors`` of them per panel row (panel =
     vec * vectors output units), up to ``max_rows`` rows per call, so rows * vectors sums live in
     registers; ``chains`` is how many independent FMA chains hide the FMA latency (few rows: the
-    inputs are split over several sets of sums); up to ``quad_rows`` rows (0: never) two pairs of panels fit in
-    the registers at once (the quad kernel)."""
+    inputs are split over several sets of sums). ``wide``: output tiles that are a multiple of two panels get
+    *wide* panels, twice as many outputs (2 * vectors vectors, up to max_rows / 2 rows per call, the same number of
+    sums); up to ``wide_pair_rows`` rows two wide panels run in one call, each reading its own input tiles."""
     name: str
     vec: int
     vectors: int
     max_rows: int
     chains: int
-    quad_rows: int = 0
+    wide: bool = False
+    wide_pair_rows: int = 0
 
     @property
     def panel(self) -> int:
@@ -73,12 +76,13 @@ class Isa:
 
 
 ISAS = {
-    "avx512": Isa("avx512", 16, 2, 12, 16, 2),  # 32 zmm: 24 sums + 2 weight vectors + 1 broadcast; quads: 2 x 8 + 8 + 4
+    # 32 zmm: 24 sums + 2 weight vectors + 1 broadcast; wide (6 x 64): 24 + 4 + 1; two wide at 2 rows: 16 + 8 + 2
+    "avx512": Isa("avx512", 16, 2, 12, 16, wide=True, wide_pair_rows=2),
     "avx2": Isa("avx2", 8, 2, 6, 10),        # 16 ymm: 12 sums + 2 + 1
     "generic": Isa("generic", 4, 2, 6, 10),  # 128-bit vectors, which every 64-bit CPU has (SSE2, NEON)
 }
 PRECISIONS = ("fp32", "bf16", "int8")
-PREFETCH_BYTES = 4096  # how far ahead of the panel row being read the kernel prefetches (2+ rows; see _emit_kernel)
+PREFETCH_BYTES = 4096  # how far ahead of the panel row being read the kernel prefetches (see _emit_kernel)
 
 
 def host_features() -> set[str]:
@@ -112,8 +116,9 @@ def supported(isa: str, precision: str, features: set[str] | None = None) -> boo
 def describe(isa: str | None = None, precision: str = "fp32", threads: int = 1) -> dict:
     """The micro-kernel that ``FusedNet(..., isa, precision, threads)`` runs on this CPU, as a benchmark records it."""
     spec = ISAS[host_isa() if isa is None else isa]
+    tile = f"{spec.max_rows} x {spec.panel}" + (f", wide {spec.max_rows // 2} x {2 * spec.panel}" if spec.wide else "")
     return {"isa": spec.name, "vector_floats": spec.vec, "tile_rows": spec.max_rows, "tile_columns": spec.panel,
-            "precision": precision, "threads": threads, "cpu": llvm.get_host_cpu_name(),
+            "tile": tile, "precision": precision, "threads": threads, "cpu": llvm.get_host_cpu_name(),
             "bf16_available": supported("avx512", "bf16"), "int8_available": supported("avx512", "int8")}
 
 
@@ -123,26 +128,31 @@ _FAST = ("fast",)  # lets LLVM fuse the multiply and add into one FMA where the 
 
 VARIANTS = tuple((isa, precision) for isa in ISAS for precision in PRECISIONS
                  if precision == "fp32" or isa == "avx512")
-# The compiled micro-kernels (isa, precision, vectors per panel, panels per call): every variant at its full tile;
+# The compiled micro-kernels (isa, precision, vectors per panel, panels per call, input streams): every variant at its
+# full tile;
 # narrow (one vector of outputs per panel) for layers with at most one vector of outputs, the head of a 10-class
 # model: a 32-wide panel there would read and multiply three times its 10 live columns (the head's padding was 3% of
 # the sparse model's weight bytes); and paired (two panels side by side, up to half the rows) for few rows, where a
 # panel's fixed costs (the call, its tile loop, the sums' set-up and write-out) weigh most and a single row's sums
 # use a quarter of the registers: in-process A/B at batch 1-2 it took 5-15% off the sparse model and its dense twin;
-# and quad (two pairs, each with its own input tiles: two block tiles of 64) at 1-2 rows, where a sparse panel's
-# stream is short (k live tiles): in-process A/B, fp32 batch 1, 4-8% off the sparse model, the dense twin unchanged.
-KERNELS = tuple((isa, precision, vectors, span) for isa, precision in VARIANTS
-                for vectors, span in ((ISAS[isa].vectors, 1), (1, 1), (ISAS[isa].vectors, 2), (ISAS[isa].vectors, 4))
-                if span < 4 or ISAS[isa].quad_rows)
+# and, where the ISA has them (``Isa.wide``), wide panels (a 64-wide block tile or dense tile as one panel, one weight
+# stream, at up to half the rows) alone and two per call, each with its own input tiles (two block tiles of 64), at
+# 1-2 rows, where a sparse tile's stream is short (k live tiles): docs/kernel.md.
+KERNELS = tuple((isa, precision, vectors, span, streams) for isa, precision in VARIANTS
+                for vectors, span, streams in ((ISAS[isa].vectors, 1, 1), (1, 1, 1), (ISAS[isa].vectors, 2, 1),
+                                               (2 * ISAS[isa].vectors, 1, 1), (2 * ISAS[isa].vectors, 2, 2))
+                if vectors <= ISAS[isa].vectors or ISAS[isa].wide)
 
 
-def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signature, args) -> None:
+def _emit_kernel(isa: Isa, precision: str, vectors: int, span: int, streams: int, context, builder, signature,
+                 args) -> None:
     """The body of ``_kernel`` for one variant (see there)."""
     bf16, int8 = precision == "bf16", precision == "int8"
-    vec, pv, panel = isa.vec, isa.vectors, isa.panel
+    vec, pv = isa.vec, vectors
+    panel = vec * pv
     nv = pv * span  # sum vectors per row: ``span`` panels side by side
-    groups = 2 if span == 4 else 1  # quads: two pairs of panels, the second pair's inputs from tiles[gstride + kk]
-    top_rows = isa.quad_rows if span == 4 else isa.max_rows // span
+    groups = streams  # 2: the second half of the panels reads its inputs from tiles[gstride + kk]
+    top_rows = isa.wide_pair_rows if streams == 2 else min(isa.max_rows, isa.max_rows * isa.vectors // nv)
     fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
     rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v, gstride_v = (
         context.cast(builder, args[i], signature.args[i], types.intp)
@@ -183,7 +193,9 @@ def _emit_kernel(isa: Isa, precision: str, span: int, context, builder, signatur
 
         def step(w_base, x_rows, i, slots, rows=rows):  # slots[nv*r + c] += x[r, i] * w[i, c*vec : +vec]
             w_row = at(w_base, builder.mul(i, const(row_len)), w_type)
-            if rows > 1:  # the weights PREFETCH_BYTES ahead (past the panel: the next one, which follows in memory)
+            # the weights PREFETCH_BYTES ahead (past the panel: the next one, which follows in memory), in single panels
+            # up to the ISA's width at 2+ rows; in pairs and wide panels (2-6 rows) it slowed both models down
+            if rows > 1 and span == 1 and pv <= isa.vectors:
                 size = {1: 4, 2: 2, 4: 1}[group]  # bytes per weight
                 for line in range(0, row_len * size, 64):
                     ahead = builder.bitcast(at(w_row, const((PREFETCH_BYTES + line) // size), w_type), _I8.as_pointer())
@@ -290,10 +302,10 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     dest[dest_off + r*ld + 0:panel] = max(bias[b_off:b_off + panel] + sum over live input tiles kk < k and
     units i < t of x[x_off + r*ldx + tiles[kk]*t + i] * w[w_off + panel*(kk*t + i) : +panel], lo) for
     r < rows (1..max_rows), lo 0 (ReLU) or -inf (none); ``variant`` (a compile-time constant, an index into
-    ``KERNELS``) picks the vector width, tile and precision. A paired variant computes two panels side by side
-    (outputs and biases 2*panel wide, the second panel's weights k*t*panel elements after the first's) for
-    1..max_rows / 2 rows; a quad variant four (two pairs, the second pair reading input tiles tiles[gstride + kk]
-    instead of tiles[kk]) for 1..quad_rows rows.
+    ``KERNELS``) picks the vector width, panel width, tile and precision. A paired variant computes two panels side
+    by side (outputs and biases 2*panel wide, the second panel's weights k*t*panel elements after the first's) for
+    1..max_rows / 2 rows; a wide variant one panel of twice the width for as many rows; a wide pair two wide panels,
+    the second reading input tiles tiles[gstride + kk] instead of tiles[kk], for 1..wide_pair_rows rows.
 
     fp32: w and x are float32. bf16: w holds bfloat16 bits (uint16), t is even, the panel row of inputs
     (2j, 2j+1) is 2*panel values with the pair interleaved per output (what ``vdpbf16ps`` reads); x is a
@@ -315,7 +327,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
     sums, added up at the end."""
     if not isinstance(variant, types.IntegerLiteral) or not 0 <= variant.literal_value < len(KERNELS):
         raise numba.core.errors.TypingError("micro-kernel: variant must be a constant index into KERNELS")
-    isa_name, precision, vectors, span = KERNELS[variant.literal_value]
+    isa_name, precision, vectors, span, streams = KERNELS[variant.literal_value]
     wtype = {"fp32": types.float32, "bf16": types.uint16, "int8": types.int8}[precision]
     arrays = {w: wtype, x: types.float32, tiles: types.intp, bias: types.float32, dest: types.float32,
               rs: types.float32, rz: types.float32}
@@ -329,7 +341,7 @@ def _kernel(typingctx, variant, rows, w, w_off, x, x_off, ldx, tiles, k, t, bias
                      dest_off, ld, s_off, c_off, rs, rz, row0, types.float32, gstride)
 
     def codegen(context, builder, signature, args):
-        _emit_kernel(replace(ISAS[isa_name], vectors=vectors), precision, span, context, builder, signature, args)
+        _emit_kernel(ISAS[isa_name], precision, vectors, span, streams, context, builder, signature, args)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -476,8 +488,8 @@ def _pairable(li, meta, tiles):
     on and its outputs ``panel`` further on: the panels of one output tile, or (one panel per tile) consecutive
     tiles that read the same inputs, as every dense layer's do."""
     t_off, n_tiles, k, t_out, panel = meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 6], meta[li, 13]
-    if meta[li, 11] or meta[li, 12] or meta[li, 14] or t_out % panel or meta[li, 7] != n_tiles * t_out:
-        return False  # shared (encoder), float panels, narrow, cut-short panels
+    if meta[li, 11] or meta[li, 12] or meta[li, 14] or meta[li, 18] or t_out % panel or meta[li, 7] != n_tiles * t_out:
+        return False  # shared (encoder), float panels, narrow, wide, cut-short panels
     n_panels = t_out // panel
     if n_panels % 2 == 0:
         return True
@@ -491,15 +503,21 @@ def _pairable(li, meta, tiles):
 
 
 @_njit
-def _plan(x, meta, max_rows, quad_rows, threads, bf16, int8):
+def _rows_per_call(li, meta, max_rows):
+    """The most rows layer li's single-panel kernel takes per call: half of them for wide panels (the same sums)."""
+    return max_rows // 2 if meta[li, 18] else max_rows
+
+
+@_njit
+def _plan(x, meta, max_rows, wide_pair_rows, threads, bf16, int8):
     """Every layer's buffers in one float32 scratch array: offsets (n_layers, 4) of its staged input (bf16 pairs /
     uint8 quads, as float32 elements), its int8 row scales and zero points, and its output; and how its work splits
     into jobs: (n_layers, 3) = jobs, row parts per job (several where there are too few panels for the threads),
     mode: 1 patch-row mode (the encoder with fewer images than patches per patch row: a job is one patch row of one
     image, its patches the kernel's rows, instead of one patch for every image), 2 pair mode (at most max_rows / 2
-    rows, ``_pairable``: a job is two panels side by side for all the rows, the paired kernel), 4 quad mode (at most
-    quad_rows rows, a pairable layer with a multiple of four panels: a job is two such pairs, each reading its own
-    input tiles, the quad kernel), else 0."""
+    rows, ``_pairable``: a job is two panels side by side for all the rows, the paired kernel), 3 wide-pair mode (at
+    most wide_pair_rows rows, a layer of wide panels, an even number: a job is two of them, each reading its own input
+    tiles), else 0. Rows go in chunks of at most ``_rows_per_call``."""
     rows, n_layers = x.shape[0], meta.shape[0]
     offsets, jobs = np.zeros((n_layers + 1, 4), np.int64), np.zeros((n_layers, 3), np.int64)
     width, size = x.shape[1], 0
@@ -514,14 +532,16 @@ def _plan(x, meta, max_rows, quad_rows, threads, bf16, int8):
         offsets[li, 2] = size
         size += rows * width_out
         n_jobs = meta[li, 3] * ((t_out + meta[li, 13] - 1) // meta[li, 13])
-        chunks = (rows + max_rows - 1) // max_rows
+        wide, per_call = meta[li, 18], _rows_per_call(li, meta, max_rows)
+        chunks = (rows + per_call - 1) // per_call
         jobs[li, 0] = n_jobs
         jobs[li, 1] = min(chunks, (4 * threads + n_jobs - 1) // n_jobs) if threads > 1 and n_jobs < 4 * threads else 1
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
-        elif 0 < rows <= quad_rows and meta[li, 16] and n_jobs % 4 == 0:  # two pairs per call (quad mode)
-            jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 4, 1, 4
+        elif 0 < rows <= wide_pair_rows and wide and n_jobs % 2 == 0 and t_out % meta[li, 13] == 0 \
+                and width_out == meta[li, 3] * t_out:  # two wide panels per call (wide-pair mode)
+            jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 3
         elif 0 < rows <= max_rows // 2 and meta[li, 16]:  # pairable (``_pairable``, decided at load)
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
@@ -559,7 +579,7 @@ def _stage(li, h, biases, meta, scratch, offsets, counters, claim, bf16, int8):
 
 @_njit
 def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, claim, code, code_fp32,
-          code_narrow, code_pair, code_quad, max_rows, bf16, int8):
+          code_narrow, code_pair, code_wide, code_wide_pair, max_rows, bf16, int8):
     """Layer li's jobs (see ``_plan``): each one panel of one output tile for a part of the rows, through the
     micro-kernel, straight into the layer's output (bias, ReLU but on the head). Every job, or with ``claim`` the
     jobs this thread claims from counters[4*li + 2] (counted done in counters[4*li + 3]). One call per layer, not
@@ -567,7 +587,8 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     w_off, b_off, t_off, k, t_in, t_out, width_out, t, s_off, c_off, shared, floats, panel_width, narrow = (
         meta[li, 0], meta[li, 1], meta[li, 2], meta[li, 4], meta[li, 5], meta[li, 6], meta[li, 7], meta[li, 8],
         meta[li, 9], meta[li, 10], meta[li, 11], meta[li, 12], meta[li, 13], meta[li, 14])
-    rows = h.shape[0]
+    rows, wide = h.shape[0], meta[li, 18]
+    max_rows = _rows_per_call(li, meta, max_rows)
     staged = (bf16 or int8) and not floats
     ldx = (h.shape[1] // t_in) * t // (2 if bf16 else 4) if staged else h.shape[1]
     flat = scratch[offsets[li, 0]:offsets[li, 0] + rows * ldx] if staged else h.reshape(-1)
@@ -586,20 +607,19 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
     chunks = (rows + max_rows - 1) // max_rows
     small, extra = rows // chunks, rows % chunks
     job = -1
-    if jobs[li, 2] == 2 or jobs[li, 2] == 4:  # pair / quad mode (see _plan): panels span*job .. +span side by side
-        span = jobs[li, 2]
+    if jobs[li, 2] >= 2:  # pair / wide-pair mode (see _plan): panels 2*job, 2*job + 1 side by side
         while True:
             job = _fetch_add(counters, 4 * li + 2) if claim else job + 1
             if job >= jobs[li, 0]:
                 return
-            first = span * job
-            o, c, o2 = first // n_panels, first % n_panels, (first + span - 2) // n_panels  # o2: the last pair's tile
+            first = 2 * job
+            o, c, o2 = first // n_panels, first % n_panels, (first + 1) // n_panels  # o2: the second panel's tile
             live = tiles[t_off + o * k:t_off + (o2 + 1) * k]
             col = o * t_out + c * panel_width
-            if span == 4:  # the second pair reads tiles (o2 - o) * k further on
-                _kernel(numba.literally(code_quad), rows, weights, w_off + first * panel_size, flat, 0, ldx, live, k,
-                        t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros, 0,
-                        q_inv, (o2 - o) * k)
+            if jobs[li, 2] == 3:  # the second wide panel reads tiles (o2 - o) * k further on
+                _kernel(numba.literally(code_wide_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live,
+                        k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
+                        0, q_inv, (o2 - o) * k)
             else:
                 _kernel(numba.literally(code_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live, k,
                         t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros, 0,
@@ -648,6 +668,9 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             elif narrow:
                 _kernel(numba.literally(code_narrow), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
                         b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
+            elif wide:
+                _kernel(numba.literally(code_wide), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
+                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             else:
                 _kernel(numba.literally(code), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
                         b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
@@ -669,8 +692,8 @@ def _output(li, x, scratch, offsets, meta):
 
 
 @_njit
-def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_quad, max_rows, quad_rows,
-            bf16, int8):
+def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_wide, code_wide_pair,
+            max_rows, wide_pair_rows, bf16, int8):
     """Encoder (layer 0), hidden layers, head (last, no ReLU) of ``x`` (one flattened image per row), one thread.
 
     Layer li is described by meta[li], a row of ``FusedNet.meta``: output tile o (t_out units) reads its k live
@@ -682,7 +705,7 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_
     on several threads (kept apart: passing the planned buffers into one shared loop from the serial forward cost
     ~0.4 us, 1%, at batch 1). ``code``, ``code_fp32`` and ``code_narrow`` (indices into KERNELS: the micro-kernel,
     the fp32 one of the same ISA, the narrow one) must be compile-time constants."""
-    offsets, jobs = _plan(x, meta, max_rows, quad_rows, 1, bf16, int8)
+    offsets, jobs = _plan(x, meta, max_rows, wide_pair_rows, 1, bf16, int8)
     scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
     none = np.zeros(0, np.int64)
     for li in range(meta.shape[0]):
@@ -690,13 +713,13 @@ def _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_
         if (bf16 or int8) and not meta[li, 12]:
             _stage(li, h, biases, meta, scratch, offsets, none, False, bf16, int8)
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, none, False, code, code_fp32, code_narrow,
-              code_pair, code_quad, max_rows, bf16, int8)
+              code_pair, code_wide, code_wide_pair, max_rows, bf16, int8)
     return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
 
 @_njit
 def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-           code_pair, code_quad, max_rows, bf16, int8):
+           code_pair, code_wide, code_wide_pair, max_rows, bf16, int8):
     """One thread's part of ``_layers`` with several threads: every step (a layer's staging, then its panels) is a
     list of items that the threads claim one at a time from a shared counter and count when done; a thread that
     finds none left waits until all are done, then goes on to the next step. All threads meet once per step, in
@@ -708,7 +731,7 @@ def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, co
             _stage(li, h, biases, meta, scratch, offsets, counters, True, bf16, int8)
             _wait_for(counters, 4 * li + 1, h.shape[0])
         _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters, True, code, code_fp32,
-              code_narrow, code_pair, code_quad, max_rows, bf16, int8)
+              code_narrow, code_pair, code_wide, code_wide_pair, max_rows, bf16, int8)
         _wait_for(counters, 4 * li + 3, jobs[li, 0] * jobs[li, 1])
 
 
@@ -724,24 +747,26 @@ def _compiled(isa_name: str, precision: str, parallel: bool):
     panel is claimed by one thread for all the rows (its weights read once), and every job is the one-thread job,
     so the logits are bit-identical to one thread's."""
     isa = ISAS[isa_name]
-    code, max_rows = KERNELS.index((isa_name, precision, isa.vectors, 1)), isa.max_rows
-    code_fp32, code_narrow = KERNELS.index((isa_name, "fp32", isa.vectors, 1)), KERNELS.index((isa_name, precision, 1, 1))
-    code_pair = KERNELS.index((isa_name, precision, isa.vectors, 2))
-    # no quad kernel on the 16-register shapes: _plan never picks quad mode there, the pair one stands in
-    code_quad = KERNELS.index((isa_name, precision, isa.vectors, 4)) if isa.quad_rows else code_pair
-    quad_rows = isa.quad_rows
+    code, max_rows = KERNELS.index((isa_name, precision, isa.vectors, 1, 1)), isa.max_rows
+    code_fp32 = KERNELS.index((isa_name, "fp32", isa.vectors, 1, 1))
+    code_narrow = KERNELS.index((isa_name, precision, 1, 1, 1))
+    code_pair = KERNELS.index((isa_name, precision, isa.vectors, 2, 1))
+    # no wide kernels on the 16-register shapes: no layer has wide panels there, others stand in
+    code_wide = KERNELS.index((isa_name, precision, 2 * isa.vectors, 1, 1)) if isa.wide else code
+    code_wide_pair = KERNELS.index((isa_name, precision, 2 * isa.vectors, 2, 2)) if isa.wide else code_pair
+    wide_pair_rows = isa.wide_pair_rows
     bf16, int8 = precision == "bf16", precision == "int8"
 
     def forward(x, weights, biases, tiles, meta, threads):
         if not parallel:
-            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_quad, max_rows,
-                           quad_rows, bf16, int8)
-        offsets, jobs = _plan(x, meta, max_rows, quad_rows, threads, bf16, int8)
+            return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_wide,
+                           code_wide_pair, max_rows, wide_pair_rows, bf16, int8)
+        offsets, jobs = _plan(x, meta, max_rows, wide_pair_rows, threads, bf16, int8)
         scratch = np.empty(offsets[meta.shape[0], 0], np.float32)
         counters = np.zeros(4 * meta.shape[0], np.int64)
         for _ in prange(threads):
             _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, code, code_fp32, code_narrow,
-                   code_pair, code_quad, max_rows, bf16, int8)
+                   code_pair, code_wide, code_wide_pair, max_rows, bf16, int8)
         return _output(meta.shape[0] - 1, x, scratch, offsets, meta)
 
     # A name of its own per variant: numba names a cached function's machine code and its environment after
@@ -800,8 +825,11 @@ def _panels(blocks: np.ndarray, t_in: int, t_out: int, isa: Isa, precision: str,
 
 
 def _panel_width(isa: Isa, t_out: int) -> int:
-    """Outputs per panel for output tiles of t_out units: one vector (the narrow kernel) where that holds them all."""
-    return isa.vec if t_out <= isa.vec else isa.panel
+    """Outputs per panel for output tiles of t_out units: one vector (the narrow kernel) where that holds them all;
+    two panels' worth (the wide kernel) where the ISA has it and the tile is a multiple of that."""
+    if t_out <= isa.vec:
+        return isa.vec
+    return 2 * isa.panel if isa.wide and t_out % (2 * isa.panel) == 0 else isa.panel
 
 
 def _dense(weight: np.ndarray, bias: np.ndarray, isa: Isa, precision: str) -> tuple:
@@ -841,7 +869,7 @@ def _layer(layer: PackedLayer, isa: Isa, precision: str) -> tuple:
 
 META = ("weights_offset", "bias_offset", "tiles_offset", "n_tiles", "k", "t_in", "t_out", "out_features", "t_kernel",
         "scale_offset", "colsum_offset", "shared_weights", "float_weights", "panel", "narrow", "patches_across",
-        "pairable", "quant_offset")
+        "pairable", "quant_offset", "wide")
 
 
 HUGE_PAGE = 2 << 20  # x86-64 / arm64 transparent huge page
@@ -917,8 +945,8 @@ class FusedNet:
             panel = self.isa.panel if li == 0 else _panel_width(self.isa, t_out)  # the encoder: always full panels
             meta.append((offsets[3] if floats else w_size, offsets[0], t_off, *idx.shape, t_in, t_out, width,
                          t_in if li == 0 else -(-t_in // group) * group, offsets[1], offsets[2], li == 0, floats,
-                         panel, panel != self.isa.panel, packed.input_shape[2] // packed.patch_size if li == 0 else 0,
-                         0, -1))
+                         panel, panel < self.isa.panel, packed.input_shape[2] // packed.patch_size if li == 0 else 0,
+                         0, -1, panel > self.isa.panel))
             w_size += 0 if floats else -(-panels.size // line) * line
             t_off += idx.size
         self.weights, self.biases = _aligned(w_size, dtype, line), _aligned(b_size, np.float32, bline)
