@@ -66,7 +66,7 @@ def _throughput_lines(result: dict) -> list[str]:
             line += f" {r['gmacs_sparse'] / peak['gmacs']:.0%} | {r['gmacs_dense'] / peak['gmacs']:.0%} |"
         lines.append(line)
     for backend, k in result.get("fused_kernel", {}).items():
-        lines += ["", f"{backend} micro-kernel: {k['isa']} ({k['vector_floats']}-float vectors, {k['tile']} tile, "
+        lines += ["", f"{backend} micro-kernel: {k['isa']} ({k['vector_floats']}-float vectors, {k['tile']}, "
                       f"{k['precision']}), {k['threads']} thread(s), LLVM CPU {k['cpu']}."]
     return lines
 

@@ -226,7 +226,7 @@ def test_variant_is_chosen_for_the_cpu():
     assert ISAS["avx512"].max_rows * ISAS["avx512"].vectors > ISAS["avx2"].max_rows * ISAS["avx2"].vectors
     d = describe()
     assert d["isa"] == host_isa() and d["tile_columns"] == ISAS[host_isa()].panel
-    assert d["tile"].startswith(f"{d['tile_rows']} x {d['tile_columns']}")
+    assert d["tile"].startswith(f"{d['tile_rows']} x {d['tile_columns']} tile")
 
 
 def test_dense_layers_are_panels_over_one_input_tile_spanning_all_inputs():

@@ -109,7 +109,7 @@ def section(summary: dict, machine: dict, kernel: dict, accuracy: list[dict], co
             ("reduced precision: best sparse vs best quantised dense, batch 64", "reduced_batch64", ">= 3.0x", False)]
     lines = [BEGIN, "", "## The CPU kernel at the machine's limit (issue 13)", "",
              f"Machine: {machine['cpu']} ({machine['cores']} cores), fused micro-kernel {kernel['isa']} "
-             f"({kernel['vector_floats']}-float vectors, {kernel['tile']} tile; LLVM CPU "
+             f"({kernel['vector_floats']}-float vectors, {kernel['tile']}; LLVM CPU "
              f"{kernel['cpu']}, AVX512-BF16 {'yes' if kernel['bf16_available'] else 'no'}, AVX512-VNNI "
              f"{'yes' if kernel['int8_available'] else 'no'}), onnxruntime "
              f"{machine.get('onnxruntime')}, numba {machine.get('numba')}. Command: `{command}`: {n_runs} g2g-bench "
