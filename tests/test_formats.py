@@ -64,7 +64,8 @@ def test_validation_names_the_broken_tensor(fmt):
 
 
 def test_patch_encoder_forms_agree_with_the_training_conv():
-    from g2gserve.runtime.fused import ISAS, _encoder
+    from g2gserve.runtime.fused import ISAS
+    from g2gserve.runtime.fused.layout import encoder_panels
     from g2gserve.runtime.torch_backend import PackedModule
     torch.manual_seed(0)
     model = build_model(tiny_config(in_channels=3, image_size=32)).eval()
@@ -76,7 +77,7 @@ def test_patch_encoder_forms_agree_with_the_training_conv():
     got_numpy = encoder.encode(x.numpy(), packed.conv_weight, packed.conv_bias)
     assert np.allclose(got_torch, ref, atol=1e-5) and np.allclose(got_numpy, ref, atol=1e-5)
     p = packed.patch_size
-    _, idx, t_in, _, _, _ = _encoder(packed, ISAS["generic"], "fp32")  # live input tiles of p pixels per patch
+    _, idx, t_in, _, _, _ = encoder_panels(packed, ISAS["generic"], "fp32")  # live input tiles of p pixels per patch
     flat = x.numpy().reshape(3, -1)
     rows = np.stack([np.concatenate([image[i * t_in:(i + 1) * t_in] for i in tiles]) for image in flat for tiles in idx])
     assert np.array_equal(rows, encoder.patchify(x.numpy(), p))  # the fused encoder reads patchify's patches

@@ -8,7 +8,10 @@ import torch
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
 from g2gserve.runtime import load
-from g2gserve.runtime.fused import ISAS, META, VARIANTS, FusedNet, _compiled, _to_u8, describe, host_isa, supported
+from g2gserve.runtime.fused import ISAS, VARIANTS, FusedNet, describe, host_isa, supported
+from g2gserve.runtime.fused.forward import compiled, pairable, plan
+from g2gserve.runtime.fused.kernel import to_u8
+from g2gserve.runtime.fused.layout import HUGE_PAGE, META, aligned
 
 from conftest import tiny_config
 
@@ -58,18 +61,16 @@ def test_matches_pytorch_at_every_batch_size(kw, fmt):
 
 
 def _modes(net, rows):
-    """How each layer of ``net`` but the encoder runs at ``rows`` rows (``_plan``'s mode column) and its jobs."""
-    from g2gserve.runtime.fused import _plan
-    jobs = _plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32), net.meta, net.isa.max_rows,
+    """How each layer of ``net`` but the encoder runs at ``rows`` rows (``plan``'s mode column) and its jobs."""
+    jobs = plan(np.zeros((rows, int(np.prod(net.input_shape))), np.float32), net.meta, net.isa.max_rows,
                  net.isa.wide_pair_rows, 1, False, False)[1][1:]
     return jobs[:, 2].tolist(), jobs[:, 0].tolist()
 
 
 def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
-    """With at most half a tile of rows, a layer's panels run two per call (``_pairable``): the two panels of a
+    """With at most half a tile of rows, a layer's panels run two per call (``pairable``): the two panels of a
     64-wide block tile, or consecutive one-panel tiles with the same live input tiles (dense layers); never the
     encoder, a narrow layer (the head) or tiles that read different inputs. Parity: the tests above."""
-    from g2gserve.runtime.fused import _pairable
     isa = ISAS["avx2"]  # no wide panels: 64-wide tiles are four 16-wide panels
     packed = pack_model(_model(**PAIRED_64), "auto")
     for net in (FusedNet(packed, isa="avx2"), FusedNet(densify(packed), isa="avx2")):  # 256 outputs: 16 panels
@@ -81,9 +82,9 @@ def test_pair_mode_runs_two_panels_per_call_where_they_read_alike():
     meta[0, [META.index(c) for c in ("n_tiles", "k", "t_out", "out_features", "panel")]] = (4, 2, isa.panel,
                                                                                             4 * isa.panel, isa.panel)
     same, differ = np.array([0, 1, 0, 1, 2, 3, 2, 3]), np.array([0, 1, 0, 1, 2, 3, 2, 0])
-    assert _pairable(0, meta, same) and not _pairable(0, meta, differ)
+    assert pairable(0, meta, same) and not pairable(0, meta, differ)
     meta[0, META.index("out_features")] -= 1  # the last panel cut short
-    assert not _pairable(0, meta, same)
+    assert not pairable(0, meta, same)
 
 
 @pytest.mark.skipif(not ISAS[host_isa()].wide, reason="no wide panels on this CPU's kernel shape")
@@ -118,8 +119,7 @@ def test_narrow_panels_where_one_vector_holds_a_tile():
 
 
 def test_large_buffers_are_aligned_to_huge_pages_and_small_ones_to_cache_lines():
-    from g2gserve.runtime.fused import HUGE_PAGE, _aligned
-    big, small = _aligned(HUGE_PAGE // 4 + 3, np.float32, 16), _aligned(1000, np.int8, 64)
+    big, small = aligned(HUGE_PAGE // 4 + 3, np.float32, 16), aligned(1000, np.int8, 64)
     assert big.size == HUGE_PAGE // 4 + 3 and big.dtype == np.float32 and not big.any() and big.flags.writeable
     assert small.size == 1000 and small.ctypes.data % 64 == 0 and not small.any()
     if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
@@ -155,7 +155,7 @@ def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
     if not supported(isa, precision):
         if precision != "fp32":
             pytest.skip(f"{precision} needs AVX512-BF16 / AVX512-VNNI, which this CPU lacks")
-        forward = _compiled(isa, precision, False)
+        forward = compiled(isa, precision, False)
         net = FusedNet(pack_model(_model(granularity="block"), "auto"), isa=host_isa())
         forward.compile(tuple(numba.typeof(a) for a in (np.zeros((1, int(np.prod(net.input_shape))), np.float32),
                                                           net.weights, net.biases, net.tiles, net.meta, 1)))
@@ -206,7 +206,7 @@ def test_int8_inputs_come_back_within_half_a_step(row):
     half a step; constant rows (a background patch) exactly."""
     row = row.astype(np.float32)
     out, scales, zeros = np.full(8, 7, np.uint8), np.zeros(1, np.float32), np.zeros(1, np.float32)
-    _to_u8(row, 3, 4, out, scales, zeros, 0, True)
+    to_u8(row, 3, 4, out, scales, zeros, 0, True)
     tiles = out.reshape(2, 4)
     assert (tiles[:, 3] == 0).all()  # padding
     back = (tiles[:, :3].reshape(-1).astype(np.float32) - zeros[0]) * scales[0]

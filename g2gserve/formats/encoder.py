@@ -5,7 +5,7 @@ For an image x [C, H, W] with a g x g grid of patches (g = H / p), the feature v
 all channels of patch 0, then patch 1, ... (contiguous features are whole patches, so grouping by patch is
 contiguous). Equivalently, ``relu(patchify(x) @ weight_matrix(weight) + bias)`` reshaped to (N, g*g*ch), which
 is how the torch runtime computes it; the ONNX graph uses Conv + Transpose (NCHW -> NHWC) + Reshape, and the
-fused backend reads each patch's rows of pixels from the image in place (``runtime.fused._encoder``). The training model
+fused backend reads each patch's rows of pixels from the image in place (``runtime.fused.layout.encoder_panels``). The training model
 (``model.layers.PatchEncoder``) is the same conv; tests check every form against it.
 """
 from __future__ import annotations
