@@ -17,9 +17,9 @@ the head, and every one of them is the same loop over *panels*:
 
 The vector width and register blocking (``ISAS``) are chosen once, at load, for the CPU (``host_isa``):
 16-float vectors and a 12 x 32 tile where AVX-512 is present (32 vector registers; output tiles of 64 as one
-6 x 64 panel), 8-float vectors and 6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON). With ``threads`` > 1 the threads
-claim the panels (and, where there are few, the row chunks) of every layer from shared counters, in one
-parallel region (``forward._share``).
+6 x 64 panel), 8-float vectors and 6 x 16 on AVX2 (16 registers), 4-float vectors elsewhere (SSE, Arm NEON).
+With ``threads`` > 1 the threads claim the panels (and, where there are few, the row chunks) of every layer from
+shared counters, in one parallel region (``forward._share``).
 ``precision="bf16"`` (AVX512-BF16 only) stores the panels as bfloat16 pairs and runs ``vdpbf16ps``
 (two products per lane, fp32 sums): the activations are rounded to bf16 on their way into each layer.
 ``precision="int8"`` (AVX512-VNNI only) stores int8 quads with a scale per output unit and runs

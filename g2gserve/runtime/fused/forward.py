@@ -203,13 +203,13 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             live = tiles[t_off + o * k:t_off + (o2 + 1) * k]
             col = o * t_out + c * panel_width
             if jobs[li, 2] == 3:  # the second wide panel reads tiles (o2 - o) * k further on
-                micro_kernel(numba.literally(code_wide_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live,
-                        k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros,
-                        0, q_inv, (o2 - o) * k)
+                micro_kernel(numba.literally(code_wide_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx,
+                             live, k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col,
+                             scales, zeros, 0, q_inv, (o2 - o) * k)
             else:
-                micro_kernel(numba.literally(code_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live, k,
-                        t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales, zeros, 0,
-                        q_inv, 0)
+                micro_kernel(numba.literally(code_pair), rows, weights, w_off + first * panel_size, flat, 0, ldx, live,
+                             k, t, biases, b_off + col, lo, dest, col, width_out, s_off + col, c_off + col, scales,
+                             zeros, 0, q_inv, 0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     if jobs[li, 2] == 1:  # patch-row mode (see plan): patch px of the row is the kernel's row px, p values apart
@@ -223,13 +223,13 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             live = tiles[t_off + py * across * k:t_off + (py * across + 1) * k]
             col = py * across * t_out + c * panel_width
             if floats:
-                micro_kernel(numba.literally(code_fp32), across, biases, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv,
-                        0)
+                micro_kernel(numba.literally(code_fp32), across, biases, w_off + c * panel_size, flat, b * ldx, t_in,
+                             live, k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros,
+                             b, q_inv, 0)
             else:
                 micro_kernel(numba.literally(code), across, weights, w_off + c * panel_size, flat, b * ldx, t_in, live,
-                        k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b, q_inv,
-                        0)
+                             k, t, biases, b_off + col, lo, dest, b * width_out + col, t_out, 0, 0, scales, zeros, b,
+                             q_inv, 0)
             if claim:
                 _fetch_add(counters, 4 * li + 3)
     while True:
@@ -250,16 +250,16 @@ def _jobs(li, h, weights, biases, tiles, meta, scratch, offsets, jobs, counters,
             at, ld = (b0 * width_out + col, width_out) if full else (0, panel_width)
             if floats:
                 micro_kernel(numba.literally(code_fp32), n, biases, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0, q_inv, 0)
+                             b_off + col, lo, target, at, ld, 0, 0, scales, zeros, b0, q_inv, 0)
             elif narrow:
                 micro_kernel(numba.literally(code_narrow), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
+                             b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             elif wide:
                 micro_kernel(numba.literally(code_wide), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
+                             b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             else:
                 micro_kernel(numba.literally(code), n, weights, base, flat, b0 * ldx, ldx, live, k, t, biases,
-                        b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
+                             b_off + col, lo, target, at, ld, s_off + col, c_off + col, scales, zeros, b0, q_inv, 0)
             if not full:
                 for r in range(n):
                     dest[(b0 + r) * width_out + col:(b0 + r) * width_out + col + width] = \

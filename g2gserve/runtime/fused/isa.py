@@ -68,7 +68,9 @@ def supported(isa: str, precision: str, features: set[str] | None = None) -> boo
 def describe(isa: str | None = None, precision: str = "fp32", threads: int = 1) -> dict:
     """The micro-kernel that ``FusedNet(..., isa, precision, threads)`` runs on this CPU, as a benchmark records it."""
     spec = ISAS[host_isa() if isa is None else isa]
-    tile = f"{spec.max_rows} x {spec.panel} tile" + (f", wide {spec.max_rows // 2} x {2 * spec.panel}" if spec.wide else "")
+    tile = f"{spec.max_rows} x {spec.panel} tile"
+    if spec.wide:
+        tile += f", wide {spec.max_rows // 2} x {2 * spec.panel}"
     return {"isa": spec.name, "vector_floats": spec.vec, "tile_rows": spec.max_rows, "tile_columns": spec.panel,
             "tile": tile, "precision": precision, "threads": threads, "cpu": llvm.get_host_cpu_name(),
             "bf16_available": supported("avx512", "bf16"), "int8_available": supported("avx512", "int8")}

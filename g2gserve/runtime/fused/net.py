@@ -72,7 +72,8 @@ class FusedNet:
             getattr(self, buffer)[off:off + values.size] = values.reshape(-1)
         self.tiles = np.ascontiguousarray(np.concatenate([l[1].reshape(-1) for l in layers]), dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
-        self.meta[:, META.index("pairable")] = [pairable(li, self.meta, self.tiles) for li in range(len(meta))]  # at load
+        self.meta[:, META.index("pairable")] = [pairable(li, self.meta, self.tiles)  # once, at load
+                                                for li in range(len(meta))]
         self.static_layers = self._static_scales(activation_scales)
         self.input_shape = tuple(packed.input_shape)
         self._forward = compiled(isa, precision, threads > 1)
