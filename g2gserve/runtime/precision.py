@@ -35,6 +35,8 @@ ALL_DTYPES = tuple(dict.fromkeys(DTYPES + FUSED_DTYPES))
 def dtypes_for(backend: str) -> tuple[str, ...]:
     """The precisions ``backend`` computes in (onnxruntime: fp32 only)."""
     return DTYPES if backend in ("torch", "triton") else FUSED_DTYPES if backend == "fused" else ("fp32",)
+
+
 STORAGE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 MIN_TOP1_AGREEMENT = 0.995
 GATE_IMAGES = 10_000  # the whole Fashion-MNIST / CIFAR test set

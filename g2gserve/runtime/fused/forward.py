@@ -68,15 +68,18 @@ _fetch_add, _wait_for = _sync_intrinsics()
 
 @njit
 def pairable(li, meta, tiles):
-    """Whether layer li's panels can run two at a time, side by side in one call (pair mode, see ``plan``; decided
-    once at load: the ``pairable`` column of ``FusedNet.meta``): every even-numbered panel (o, c) in (tile, panel)
-    order has a next one with the same live input tiles, both whole (width ``panel``), its weights one panel further
-    on and its outputs ``panel`` further on: the panels of one output tile, or (one panel per tile) consecutive
-    tiles that read the same inputs, as every dense layer's do."""
+    """Whether layer li's panels can run two at a time in one call (pair and wide-pair modes, see ``plan``; decided
+    once at load: the ``pairable`` column of ``FusedNet.meta``). Wide panels: any two, each reading its own input
+    tiles, where the layer has whole tiles and an even number of panels. Else every even-numbered panel (o, c) in
+    (tile, panel) order has a next one with the same live input tiles, both whole (width ``panel``), its weights one
+    panel further on and its outputs ``panel`` further on: the panels of one output tile, or (one panel per tile)
+    consecutive tiles that read the same inputs, as every dense layer's do."""
     t_off, n_tiles, k, t_out, panel = meta[li, 2], meta[li, 3], meta[li, 4], meta[li, 6], meta[li, 13]
-    if meta[li, 11] or meta[li, 12] or meta[li, 14] or meta[li, 18] or t_out % panel or meta[li, 7] != n_tiles * t_out:
-        return False  # shared (encoder), float panels, narrow, wide, cut-short panels
+    if meta[li, 11] or meta[li, 12] or meta[li, 14] or t_out % panel or meta[li, 7] != n_tiles * t_out:
+        return False  # shared (encoder), float panels, narrow, cut-short panels
     n_panels = t_out // panel
+    if meta[li, 18]:  # wide
+        return n_tiles * n_panels % 2 == 0
     if n_panels % 2 == 0:
         return True
     if n_panels > 1 or n_tiles % 2:
@@ -125,10 +128,9 @@ def plan(x, meta, max_rows, wide_pair_rows, threads, bf16, int8):
         across = meta[li, 15]  # patches per patch row (the encoder), else 0
         if rows < across <= max_rows and t_out % meta[li, 13] == 0:
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = rows * (meta[li, 3] // across) * (t_out // meta[li, 13]), 1, 1
-        elif 0 < rows <= wide_pair_rows and wide and n_jobs % 2 == 0 and t_out % meta[li, 13] == 0 \
-                and width_out == meta[li, 3] * t_out:  # two wide panels per call (wide-pair mode)
+        elif 0 < rows <= wide_pair_rows and wide and meta[li, 16]:  # two wide panels per call (``pairable``)
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 3
-        elif 0 < rows <= max_rows // 2 and meta[li, 16]:  # pairable (``pairable``, decided at load)
+        elif 0 < rows <= max_rows // 2 and meta[li, 16] and not wide:  # pairable (``pairable``, decided at load)
             jobs[li, 0], jobs[li, 1], jobs[li, 2] = n_jobs // 2, 1, 2
         width = width_out
     offsets[n_layers, 0] = size

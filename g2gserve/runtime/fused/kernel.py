@@ -43,7 +43,7 @@ def _emit_kernel(isa: Isa, precision: str, vectors: int, span: int, streams: int
     vec, pv = isa.vec, vectors
     panel = vec * pv
     nv = pv * span  # sum vectors per row: ``span`` panels side by side
-    groups = streams  # 2: the second half of the panels reads its inputs from tiles[gstride + kk]
+    # streams 2: the second half of the panels reads its inputs from tiles[gstride + kk]
     top_rows = isa.wide_pair_rows if streams == 2 else min(isa.max_rows, isa.max_rows * isa.vectors // nv)
     fvec, ivec = ir.VectorType(_F32, vec), ir.VectorType(_I32, vec)
     rows_v, w_off_v, x_off_v, ldx_v, k_v, t_v, b_off_v, dest_off_v, ld_v, s_off_v, c_off_v, row0_v, gstride_v = (
@@ -99,7 +99,7 @@ def _emit_kernel(isa: Isa, precision: str, vectors: int, span: int, streams: int
                 w_vecs = [load_vec(at(w_rows[c // pv], const(vec * (c % pv))), fvec) for c in range(nv)]
             for r in range(rows):
                 bcasts = []
-                for g in range(groups):
+                for g in range(streams):
                     if group > 1:  # x holds the input pair / quad (group*i ...) in one 32-bit element: broadcast it
                         value = builder.load(builder.bitcast(at(x_rows[g][r], i), _I32.as_pointer()), typ=_I32)
                         undef = undef_i
@@ -109,7 +109,7 @@ def _emit_kernel(isa: Isa, precision: str, vectors: int, span: int, streams: int
                     bcasts.append(builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(_I32, 0)),
                                                          undef, splat))
                 for c, w_vec in enumerate(w_vecs):
-                    bcast = bcasts[c * groups // nv]
+                    bcast = bcasts[c * streams // nv]
                     slot = slots[nv * r + c]
                     acc = builder.load(slot, typ=acc_vec)
                     if group > 1:
@@ -122,7 +122,7 @@ def _emit_kernel(isa: Isa, precision: str, vectors: int, span: int, streams: int
         with cgutils.for_range(builder, k_v) as tile:
             w_base = at(data(2), builder.add(w_off_v, builder.mul(tile.index, builder.mul(t_v, const(panel)))), w_type)
             x_rows = []
-            for g in range(groups):
+            for g in range(streams):
                 live = builder.add(tile.index, builder.mul(gstride_v, const(g)))
                 src = builder.mul(builder.load(builder.gep(tiles_ptr, [live], source_etype=intp), typ=intp), steps)
                 x_rows.append([at(x_base, builder.add(src, builder.mul(ldx_v, const(r)))) for r in range(rows)])
