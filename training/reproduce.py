@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,9 +251,11 @@ def build_table(cells: list[Cell], results: dict[str, dict], args: argparse.Name
 
 
 def _devices(results: dict[str, dict]) -> str:
-    """Where the finished cells ran (results written before devices were recorded ran on the CPU)."""
-    names = sorted({r.get("device", "CPU (not recorded)") for r in results.values()})
-    return ", ".join(names) or "none yet"
+    """Where the finished cells ran, with how many each (results written before devices were recorded ran on the
+    CPU); each cell's JSON holds its own device and command."""
+    counts = Counter(r.get("device", "CPU (not recorded)") for r in results.values())
+    return (", ".join(f"{name} ({n})" for name, n in sorted(counts.items()))
+            + " (each cell's device and command are in its JSON)") if counts else "none yet"
 
 
 def _accs(cells: list[Cell], results: dict[str, dict], dataset: str, config: str,
