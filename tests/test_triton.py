@@ -97,9 +97,28 @@ def test_kernel_with_every_tuned_row_count(launch):
 
 def test_launch_config_takes_the_measured_setting_for_large_batches():
     tuned = {"block_n": 256, "warps": 8, "stages": 2}
-    assert triton_kernel.launch_config(65536, 16, 64, 132, launch=tuned) == (256, 8, 2)
+    assert triton_kernel.launch_config(65536, 16, 64, 132, launch=tuned) == (256, 8, 2, False)
     # too few programs for the GPU: fewer rows per program, warps and stages for that size
-    assert triton_kernel.launch_config(1024, 16, 64, 132, launch=tuned) == (32, 4, 3)
+    assert triton_kernel.launch_config(1024, 16, 64, 132, launch=tuned) == (32, 4, 3, False)
+    # the swapped tile where the measured setting says so (a table without the key: not swapped)
+    assert triton_kernel.launch_config(65536, 16, 64, 132, launch=tuned | {"swap": True}) == (256, 8, 2, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b,rows", [(16, 16), (32, 64)])
+def test_swapped_tile_computes_the_same_layer(dtype, b, rows):
+    """Programs that compute the transposed tile (W^T x^T, batch rows on the MMA's wide side): the same layer,
+    with a partial last batch block, a padded (repeated) tile and both epilogues (ReLU or not)."""
+    blocks, idx, bias = _layer(3, 5, 3, b, seed=3)
+    x = torch.randn(rows * 2 + 3, 5 * b)
+    args = [t.to(dtype) for t in (x, blocks)] + [idx, bias.to(dtype)]
+    launch = {"block_n": rows, "warps": 4, "stages": 2, "swap": True}
+    for relu in (True, False):
+        ref = _reference(*[t.float() if t.is_floating_point() else t for t in args], relu)
+        y = block_sparse_linear(*[t.to(DEVICE) for t in args], relu=relu, launch=launch)
+        assert y.dtype == dtype and y.shape == (x.shape[0], 3 * b)
+        err = (y.float().cpu() - ref).abs().max().item()
+        assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), (relu, err)
 
 
 def test_packaged_launch_settings_were_measured_on_a_gpu():
@@ -118,12 +137,18 @@ def test_packaged_launch_settings_were_measured_on_a_gpu():
 def test_tuner_picks_the_setting_fastest_over_all_layers():
     from g2gserve.bench.triton_tune import best
 
-    def row(units, block_n, ms):
-        return {"precision": "bf16", "units": units, "batch": 1, "block_n": block_n, "warps": 4, "stages": 2, "ms": ms}
+    def row(units, block_n, ms, swap=False):
+        return {"precision": "bf16", "units": units, "batch": 1, "block_n": block_n, "warps": 4, "stages": 2,
+                "swap": swap, "ms": ms}
     rows = [row(1024, 64, 2.0), row(8192, 64, 1.0),    # 2x slower on one layer
             row(1024, 128, 1.1), row(8192, 128, 1.1),  # 10% slower on both: the better geometric mean
             row(1024, 256, 0.5), row(8192, 256, None)]  # fastest once, but failed on the other layer
-    assert best(rows)["bf16"]["block_n"] == 128
+    choice = best(rows)["bf16"]
+    assert {k: choice[k] for k in ("block_n", "warps", "stages", "swap")} == {"block_n": 128, "warps": 4, "stages": 2,
+                                                                             "swap": False}
+    assert choice["geomean_vs_best"] == pytest.approx(((1.1 / 0.5) * (1.1 / 1.0)) ** 0.5, abs=1e-4)
+    rows += [row(1024, 128, 1.0, swap=True), row(8192, 128, 1.05, swap=True)]  # the swapped tile wins
+    assert best(rows)["bf16"]["swap"] is True and best(rows)["bf16"]["block_n"] == 128
 
 
 def test_launch_config_fills_the_gpu_before_amortising_weights():
@@ -313,6 +338,10 @@ def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
     measured = {d: (triton_kernel.tuned_launch(d) or {}).get("block_n", 128) for d in ("fp32", "tf32", "bf16", "fp16")}
-    assert {(r["dtype"], r["block_n"]) for r in rows} == {(d, n) for d in measured for n in (16, 128, measured[d])}
+    assert {(r["dtype"], r["block_n"], r["swap"]) for r in rows} == (
+        {(d, n, False) for d in measured for n in (16, 128, measured[d])} | {(d, 256, True) for d in measured})
     assert all(r["tensor_cores"] == (r["dtype"] != "fp32") and not r["spills"] for r in rows), rows
+    assert all(r["async_loads"] for r in rows), rows  # cp.async: loads pipelined behind the MMAs
     assert all(r["wgmma"] for r in rows if r["dtype"] != "fp32" and r["block_n"] >= 128), rows  # Hopper's MMA
+    # the swapped tile puts 256 batch rows on the MMA's wide side: m64n256 instead of m64n64
+    assert all(r["wgmma"].startswith("m64n256") for r in rows if r["swap"] and r["dtype"] != "fp32"), rows

@@ -1,4 +1,5 @@
-"""Launch settings of the Triton block-sparse kernel, measured: rows per program, warps, pipeline stages.
+"""Launch settings of the Triton block-sparse kernel, measured: rows per program, warps, pipeline stages, and
+whether programs compute the transposed tile (``swap``: batch rows on the MMA's wide side).
 
     python -m g2gserve.bench.triton_tune --write      # on a GPU; ~2 minutes on one H100/H200
 
@@ -25,7 +26,8 @@ from g2gserve.fileio import atomic_write_text
 
 ROWS = (64, 128, 256)
 WARPS = (4, 8)
-STAGES = (2, 3, 4)
+STAGES = (2, 3)  # 4 never won on the H200 (docs/benchmarks/gpu/triton-tune.json), and the sweep must fit its step
+SWAP = (False, True)
 # (units, batch): the default model's hidden layer at a large batch, and a wide layer at a mid and a large one
 LAYERS = ((1024, 65536), (8192, 4096), (8192, 65536))
 TIMING = {"warmup": 10, "rep": 40, "return_mode": "median"}  # triton.testing.do_bench: ms of CUDA events
@@ -60,8 +62,8 @@ def measure(precisions: list[str], layers=LAYERS, device: str = "cuda") -> dict:
             dense_w = torch.randn(units, units, device=dev).to(dtype) / math.sqrt(units)
             with matmul_precision(precision):  # cuBLAS at the kernel's precision
                 dense_ms = do_bench(lambda: torch.relu_(torch.addmm(bias, x, dense_w, out=out)), **TIMING)
-            for block_n, warps, stages in itertools.product(ROWS, WARPS, STAGES):
-                launch = {"block_n": block_n, "warps": warps, "stages": stages}
+            for block_n, warps, stages, swap in itertools.product(ROWS, WARPS, STAGES, SWAP):
+                launch = {"block_n": block_n, "warps": warps, "stages": stages, "swap": swap}
                 try:
                     ms = do_bench(lambda: block_sparse_linear(x, blocks, idx, bias, allow_tf32=tf32, out=out,
                                                               launch=launch), **TIMING)
@@ -71,7 +73,7 @@ def measure(precisions: list[str], layers=LAYERS, device: str = "cuda") -> dict:
                     error = None
                 rows.append({"precision": precision, "units": units, "batch": batch, **launch, "ms": ms,
                              "dense_ms": dense_ms, "error": error})
-                print(f"{precision} {units}@{batch} rows {block_n} warps {warps} stages {stages}: "
+                print(f"{precision} {units}@{batch} rows {block_n} warps {warps} stages {stages} swap {swap:d}: "
                       f"{'failed ' + error if error else f'{ms:.3f} ms'} (dense {dense_ms:.3f} ms)", flush=True)
             del blocks, idx, bias, x, out, dense_w
             torch.cuda.empty_cache()
@@ -96,14 +98,15 @@ def best(rows: list[dict]) -> dict:
                 scores[setting] = math.exp(sum(math.log(r["ms"] / fastest[(r["units"], r["batch"])])
                                                for r in group) / len(group))
         if scores:
-            block_n, warps, stages = min(scores, key=scores.get)
-            choice[precision] = {"block_n": block_n, "warps": warps, "stages": stages,
-                                 "geomean_vs_best": round(scores[(block_n, warps, stages)], 4)}
+            setting = min(scores, key=scores.get)
+            block_n, warps, stages, swap = setting
+            choice[precision] = {"block_n": block_n, "warps": warps, "stages": stages, "swap": swap,
+                                 "geomean_vs_best": round(scores[setting], 4)}
     return choice
 
 
-def _setting(r: dict) -> tuple[int, int, int]:
-    return r["block_n"], r["warps"], r["stages"]
+def _setting(r: dict) -> tuple[int, int, int, bool]:
+    return r["block_n"], r["warps"], r["stages"], bool(r.get("swap", False))
 
 
 def main(argv: list[str] | None = None) -> int:

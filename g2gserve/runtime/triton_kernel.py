@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ GROUP = 8  # batch blocks that run tile after tile together, so their inputs and
 @triton.jit
 def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles, stride_x, stride_y,
                          K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                         RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     # Program order: GROUP batch blocks for output tile 0, the same blocks for tile 1, ... (swizzled like
     # Triton's matmul tutorial) so a wave of programs shares both its input rows and its weight tiles in L2.
     pid = tl.program_id(0)
@@ -49,8 +50,13 @@ def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles
     cols = tl.arange(0, B)
     row_ok = rows[:, None] < n_rows
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :]
-    w_tiles = w_ptr + tile.to(tl.int64) * (K * B * B) + cols[:, None] * B + cols[None, :]
-    acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
+    w_tile0 = w_ptr + tile.to(tl.int64) * (K * B * B)
+    if SWAP:  # the transposed tile, W^T x^T: batch rows are the MMA's wide side (Hopper: m64 x n256, not n64)
+        w_tiles = w_tile0 + cols[None, :] * B + cols[:, None]  # element (out, in) of W^T
+        acc = tl.zeros((B, BLOCK_N), dtype=tl.float32)
+    else:
+        w_tiles = w_tile0 + cols[:, None] * B + cols[None, :]
+        acc = tl.zeros((BLOCK_N, B), dtype=tl.float32)
     for k in range(K):
         src = tl.load(idx_ptr + tile * K + k).to(tl.int64)
         a = tl.load(x_rows + src * B, mask=row_ok, other=0.0)
@@ -58,12 +64,23 @@ def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles
         if UPCAST:  # the interpreter multiplies bf16 wrongly; bf16 x bf16 products are exact in fp32 anyway
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    acc += tl.load(bias_ptr + tile * B + cols).to(tl.float32)[None, :]
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    bias = tl.load(bias_ptr + tile * B + cols).to(tl.float32)
+    if SWAP:
+        acc += bias[:, None]
+    else:
+        acc += bias[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    y = y_ptr + rows[:, None].to(tl.int64) * stride_y + tile * B + cols[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    if SWAP:
+        y = y_ptr + rows[None, :].to(tl.int64) * stride_y + tile * B + cols[:, None]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows[None, :] < n_rows)
+    else:
+        y = y_ptr + rows[:, None].to(tl.int64) * stride_y + tile * B + cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def supports(block_size: int) -> bool:
@@ -84,7 +101,7 @@ MAX_ROWS = 128  # rows per program without a measured setting
 
 @functools.lru_cache(maxsize=None)
 def tuned_launch(precision: str) -> dict | None:
-    """The measured {block_n, warps, stages} for ``precision`` (fp32, tf32, bf16, fp16; fp16 falls back to
+    """The measured {block_n, warps, stages[, swap]} for ``precision`` (fp32, tf32, bf16, fp16; fp16 falls back to
     bf16's, which moves the same bytes), or None."""
     try:
         table = json.loads(TUNED_PATH.read_text())["best"]
@@ -94,15 +111,17 @@ def tuned_launch(precision: str) -> dict | None:
 
 
 def launch_config(n_rows: int, n_tiles: int, block_size: int, multiprocessors: int = 1,
-                  precision: str = "fp32", launch: dict | None = None) -> tuple[int, int, int]:
-    """(batch rows per program, warps, pipeline stages). Large batches take the measured setting of
+                  precision: str = "fp32", launch: dict | None = None) -> tuple[int, int, int, bool]:
+    """(batch rows per program, warps, pipeline stages, swap). Large batches take the measured setting of
     ``precision`` (``launch`` overrides it); fewer rows per program where the grid would otherwise leave
-    multiprocessors idle (mid-size batches of narrow layers), down to 16 (tl.dot's smallest)."""
+    multiprocessors idle (mid-size batches of narrow layers), down to 16 (tl.dot's smallest). ``swap``: programs
+    compute the transposed tile (W^T x^T), where the measured setting says so; the layout and the arithmetic
+    are the same, only the MMA's shape differs."""
     best = launch or tuned_launch(precision)
     block_n = min(best["block_n"] if best else MAX_ROWS, max(MIN_TILE, triton.next_power_of_2(n_rows)))
     while block_n > MIN_TILE and n_tiles * triton.cdiv(n_rows, block_n) < 2 * multiprocessors:
         block_n //= 2
-    return (block_n, *program_settings(block_n, block_size, best))
+    return (block_n, *program_settings(block_n, block_size, best), bool(best and best.get("swap", False)))
 
 
 def program_settings(block_n: int, block_size: int, best: dict | None) -> tuple[int, int]:
@@ -124,7 +143,7 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
 
     ``x``, ``blocks`` and ``bias`` share one dtype (fp32, bf16 or fp16); the output has it too. ``allow_tf32``
     lets fp32 products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation). ``launch``
-    (block_n, warps, stages) replaces the tuned launch setting: for the tuning sweep.
+    ({block_n, warps, stages[, swap]}) replaces the tuned launch setting: for the tuning sweep.
     """
     n_out, kb, b = blocks.shape
     k = kb // b
@@ -147,12 +166,12 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
     if n == 0:
         return out
     name = precision_name(x.dtype, allow_tf32)
-    block_n, warps, stages = launch_config(n, n_out, b, _multiprocessors(x.device), name, launch)
+    block_n, warps, stages, swap = launch_config(n, n_out, b, _multiprocessors(x.device), name, launch)
     grid = (n_out * triton.cdiv(n, block_n),)
     precision = "tf32" if name == "tf32" else "ieee"
     _block_sparse_kernel[grid](x, blocks, idx, bias, out, n, n_out, x.stride(0), out.stride(0),
                                K=k, B=b, BLOCK_N=block_n, GROUP=GROUP, RELU=relu, PRECISION=precision,
-                               UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+                               UPCAST=INTERPRETED and x.dtype == torch.bfloat16, SWAP=swap,
                                num_warps=warps, num_stages=stages)
     return out
 
@@ -160,7 +179,14 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
 SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False):
+# Arguments the JIT specialises as multiples of 16 when launched on our tensors (16-byte aligned storage, widths
+# that are multiples of the tile): the ahead-of-time compile assumes the same, or it would show narrow,
+# unpipelined loads that the GPU never runs.
+ALIGNED_ARGS = ("x_ptr", "w_ptr", "idx_ptr", "bias_ptr", "y_ptr", "stride_x", "stride_y")
+
+
+def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False,
+                swap: bool = False, launch: dict | None = None):
     """Compile the kernel ahead of time for an NVIDIA GPU of compute ``capability`` (90: H100/H200), no GPU
     needed (Triton ships ptxas): catches what only the GPU compiler refuses, and shows the instructions."""
     from triton.backends.compiler import GPUTarget
@@ -172,26 +198,33 @@ def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: in
     signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "idx_ptr": "*i32", "bias_ptr": f"*{t}", "y_ptr": f"*{t}",
                  "n_rows": "i32", "n_tiles": "i32", "stride_x": "i32", "stride_y": "i32"}
     constants = {"K": k, "B": b, "BLOCK_N": block_n, "GROUP": GROUP, "RELU": True,
-                 "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False}
+                 "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False,
+                 "SWAP": swap}
     signature |= {name: "constexpr" for name in constants}
-    warps, stages = program_settings(block_n, b, tuned_launch(precision_name(dtype, allow_tf32)))
-    source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants)
+    attrs = {(_block_sparse_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED_ARGS}
+    warps, stages = program_settings(block_n, b, launch or tuned_launch(precision_name(dtype, allow_tf32)))
+    source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": warps, "num_stages": stages})
 
 
 def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
-    """For every precision, the smallest rows per program, the default largest and the measured one: does the
-    kernel compile, does it use the tensor cores (mma / wgmma), does it spill registers to local memory, how
-    much shared memory."""
+    """For every precision, the smallest rows per program, the default largest and the measured one, and the
+    swapped tile at 256 rows and 4 warps: does the kernel compile, which MMA it issues (``mma``: the tensor
+    cores; ``wgmma``: Hopper's, with its shape, e.g. m64n256k16), are its loads asynchronous and pipelined
+    (``cp.async``), does it spill registers to local memory, how much shared memory."""
     rows = []
     for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
         tuned = tuned_launch(precision_name(dtype, tf32))
-        for block_n in sorted({MIN_TILE, MAX_ROWS, tuned["block_n"] if tuned else MAX_ROWS}):
-            ptx = (compiled := compile_for(capability, dtype, k, b, block_n, tf32)).asm["ptx"]
-            rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
-                         "tensor_cores": "mma" in ptx, "wgmma": "wgmma" in ptx, "spills": "ld.local" in ptx,
-                         "shared_bytes": compiled.metadata.shared})
+        variants = [(n, False, None) for n in sorted({MIN_TILE, MAX_ROWS, tuned["block_n"] if tuned else MAX_ROWS})]
+        variants.append((256, True, {"block_n": 256, "warps": 4, "stages": 3}))
+        for block_n, swap, launch in variants:
+            compiled = compile_for(capability, dtype, k, b, block_n, tf32, swap, launch)
+            ptx = compiled.asm["ptx"]
+            shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+            rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n, "swap": swap,
+                         "tensor_cores": "mma" in ptx, "wgmma": ",".join(shapes), "async_loads": "cp.async" in ptx,
+                         "spills": "ld.local" in ptx, "shared_bytes": compiled.metadata.shared})
     return rows
 
 
