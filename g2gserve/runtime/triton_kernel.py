@@ -68,19 +68,13 @@ def _block_sparse_kernel(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, n_rows, n_tiles
             acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    bias = tl.load(bias_ptr + tile * B + cols).to(tl.float32)
     if SWAP:
-        acc += bias[:, None]
-    else:
-        acc += bias[None, :]
+        acc = tl.trans(acc)  # back to (rows, out): one epilogue for both
+    acc += tl.load(bias_ptr + tile * B + cols).to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    if SWAP:
-        y = y_ptr + rows[None, :].to(tl.int64) * stride_y + tile * B + cols[:, None]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows[None, :] < n_rows)
-    else:
-        y = y_ptr + rows[:, None].to(tl.int64) * stride_y + tile * B + cols[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    y = y_ptr + rows[:, None].to(tl.int64) * stride_y + tile * B + cols[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def supports(block_size: int) -> bool:
