@@ -1,7 +1,7 @@
 """Launch settings of the Triton block-sparse kernel, measured: rows per program, warps, pipeline stages, and
 whether programs compute the transposed tile (``swap``: batch rows on the MMA's wide side).
 
-    python -m g2gserve.bench.triton_tune --write      # on a GPU; ~2 minutes on one H100/H200
+    python -m g2gserve.bench.triton_tune --write      # on a GPU (18 settings took ~2 minutes on an H200; now 24)
 
 For each precision (tf32, bf16) every setting runs on the layers where the kernel's time matters (a 1024-unit
 layer of the default model and an 8192-unit layer, 64x64 tiles, 25% live, at large batches), CUDA events
