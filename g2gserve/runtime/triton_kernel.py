@@ -223,7 +223,6 @@ def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import json
     import sys
 
     print(json.dumps(compile_report(int(sys.argv[1]) if len(sys.argv) > 1 else 90), indent=1))
