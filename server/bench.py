@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from g2gserve.bench.measure import (CHUNK_SECONDS, Latency, interleaved, machine_info, ort_node_profile,
                                     pairwise_speedup, peak_memory, pin_threads, sparse_vs_dense)
-from g2gserve.bench.peak import gemm_peak, model_macs, packed_of
+from g2gserve.bench.peak import gemm_peak, model_macs, packed_of, stream_ceiling
 from g2gserve.bench.reduced import REDUCED, load_bench_model, precision_of
 from g2gserve.model.config import ModelConfig
 from g2gserve.bench.install_size import load_summary
@@ -65,9 +65,35 @@ def _throughput_lines(result: dict) -> list[str]:
         if peak:
             line += f" {r['gmacs_sparse'] / peak['gmacs']:.0%} | {r['gmacs_dense'] / peak['gmacs']:.0%} |"
         lines.append(line)
+    lines += _stream_lines(result)
     for backend, k in result.get("fused_kernel", {}).items():
         lines += ["", f"{backend} micro-kernel: {k['isa']} ({k['vector_floats']}-float vectors, {k['tile']}, "
                       f"{k['precision']}), {k['threads']} thread(s), LLVM CPU {k['cpu']}."]
+    return lines
+
+
+FP32_CPU = ("torch", "onnxruntime", "fused")  # the backends that read the stored float32 weights as they are
+
+
+def _stream_lines(result: dict) -> list[str]:
+    """At batch 1, on one thread: each fp32 backend's forward against the time reading its weights alone takes
+    (``stream_ceiling``, measured in the same run in the same strict alternation)."""
+    st = result.get("stream")
+    rows = [r for r in result["runs"] if r["batch"] == 1 and r["backend"] in FP32_CPU]
+    if not st or not rows or result.get("threads", 1) != 1:
+        return []
+    lines = ["", f"Weights' stream at batch 1 (every weight is read once per forward): reading a buffer of the sparse "
+                 f"model's {st['sparse_bytes']:,} weight bytes and one of the dense twin's {st['dense_bytes']:,} in "
+                 f"strict alternation, nothing computed, takes {st['sparse_s'] * 1e3:.3f} / {st['dense_s'] * 1e3:.3f} ms "
+                 f"({st['sparse_gbs']:.0f} / {st['dense_gbs']:.0f} GB/s; medians of {st['calls']:,}): "
+                 f"**{st['ratio']:.2f}x** apart, the ratio a purely stream-bound pair could reach here. Each forward "
+                 "against that time (100%: as fast as reading its weights alone):", "",
+             "| backend | batch | sparse p50 (ms) | dense p50 (ms) | sparse: stream / p50 | dense: stream / p50 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        s_ms, d_ms = r["sparse"]["p50_ms"], r["dense"]["p50_ms"]
+        lines.append(f"| {r['backend']} | 1 | {s_ms:.3f} | {d_ms:.3f} | {st['sparse_s'] * 1e3 / s_ms:.0%} | "
+                     f"{st['dense_s'] * 1e3 / d_ms:.0%} |")
     return lines
 
 
@@ -280,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the first call after a switch is not counted), like a server that runs one model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-peak", action="store_true",
-                   help="skip timing dense GEMMs (onnxruntime MatMul, n^3 for n = 512, 1024, 2048) for the peak G MAC/s")
+                   help="skip the machine's measured limits: dense GEMMs (onnxruntime MatMul, n^3 for n = 512, 1024, "
+                        "2048) for the peak G MAC/s, and reading the two models' weight bytes alone (strictly "
+                        "alternated) for the batch-1 stream bound")
     p.add_argument("--profile", action="store_true",
                    help="also profile model.onnx and dense.onnx node by node with onnxruntime's profiler "
                         "(export directory only): where the time goes, per op type")
@@ -329,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                                  for n in args.batch_sizes for g in ("model.onnx", "dense.onnx")]
         if args.model is not None and not args.no_peak and args.device == "cpu":
             result["peak"] = gemm_peak(args.threads)
+            sizes = result.get("sizes", {})
+            if "stored_weight_bytes" in sizes:  # the batch-1 bound: the weights' stream (one thread)
+                result["stream"] = stream_ceiling(sizes["stored_weight_bytes"], sizes["dense_weight_bytes"])
         if args.sweep and args.device == "cpu":
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
     except (ValueError, RuntimeError, OSError) as e:

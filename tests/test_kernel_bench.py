@@ -7,7 +7,7 @@ import torch
 
 from g2gserve.bench.accuracy import GATE, agreement, precision_gate
 from g2gserve.bench.kernel_report import BEGIN, END, replace_section, section, summarise
-from g2gserve.bench.peak import gemm_peak, model_macs, packed_of
+from g2gserve.bench.peak import gemm_peak, model_macs, packed_of, stream_ceiling
 from g2gserve.export import export_checkpoint
 from g2gserve.formats import densify, pack_model
 from g2gserve.model.g2gnet import build_model
@@ -50,9 +50,17 @@ def test_gemm_peak_is_the_best_matmul_size():
     assert peak["gmacs"] == pytest.approx(peak["size"] ** 3 / peak["best_s"] / 1e9)
 
 
+def test_stream_ceiling_reads_both_buffers_in_alternation():
+    st = stream_ceiling(64_000, 256_000, seconds=0)
+    assert (st["sparse_bytes"], st["dense_bytes"], st["calls"]) == (64_000, 256_000, 20)
+    assert st["ratio"] == pytest.approx(st["dense_s"] / st["sparse_s"])
+    assert st["sparse_gbs"] == pytest.approx(64_000 / st["sparse_s"] / 1e9) and st["dense_gbs"] > 0
+
+
 def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_dir, tmp_path, monkeypatch, idx_dir):
     import server.bench as bench
     monkeypatch.setattr(bench, "gemm_peak", lambda threads: gemm_peak(threads, seconds=0, sizes=(128,)))
+    monkeypatch.setattr(bench, "stream_ceiling", lambda s, d: stream_ceiling(s, d, seconds=0))
     out = tmp_path / "b"
     assert bench.main([str(export_dir), "--batch-sizes", "1,3", "--seconds", "0.05", "--no-memory",
                        "--backends", ",".join(["fused", "onnxruntime", *REDUCED]), "--out", str(out),
@@ -71,6 +79,13 @@ def test_bench_reports_gmacs_peak_fraction_kernel_and_best_per_precision(export_
     assert result["fused_kernel"]["fused"] == describe()
     text = (out / "bench.md").read_text()
     assert "G MAC/s" in text and "/ peak" in text and f"{describe()['isa']} (" in text
+    sizes, st = result["sizes"], result["stream"]
+    assert (st["sparse_bytes"], st["dense_bytes"]) == (sizes["stored_weight_bytes"] // 4 * 4,
+                                                       sizes["dense_weight_bytes"] // 4 * 4)
+    fused1 = next(r for r in result["runs"] if r["backend"] == "fused" and r["batch"] == 1)
+    frac = st["sparse_s"] * 1e3 / fused1["sparse"]["p50_ms"]
+    assert f"| fused | 1 | {fused1['sparse']['p50_ms']:.3f} | {fused1['dense']['p50_ms']:.3f} | {frac:.0%} |" in text
+    assert f"**{st['ratio']:.2f}x** apart" in text and "| fused-int8 | 1 |" not in text.split("Weights' stream")[1]
 
 
 def test_reduced_backends_need_what_they_need(tmp_path, capsys):
@@ -99,8 +114,10 @@ def _fake_run(speedup64: float, fused64_ms: float, threads: int, reduced: float 
              "gmacs_sparse": 80.0 / threads} for b in ("fused", "onnxruntime", "fused-bf16")]
     best = [{"batch": n, "precision": p, "speedup": s, "sparse_backend": b, "dense_backend": b}
             for n in (1, 64) for p, s, b in (("fp32", speedup64, "fused"), ("reduced", reduced, "fused-int8-static"))]
+    runs.append({"backend": "fused", "batch": 1, "sparse": {"p50_ms": 0.05}, "dense": {"p50_ms": 0.16}})
     return {"runs": runs, "best": best, "peak": {"gmacs": 100.0},
-            "sizes": {"stored_weight_bytes": 1.0e6, "dense_weight_bytes": 4.0e6}}
+            "sizes": {"stored_weight_bytes": 1.0e6, "dense_weight_bytes": 4.0e6},
+            "stream": {"ratio": 3.8, "sparse_s": 40e-6, "dense_s": 152e-6}}
 
 
 def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
@@ -113,6 +130,17 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "| 3.60x (3.40-3.70x) | >= 3.5x | met |" in text
     assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; costs that do not shrink" in text
+    # batch 1 (3.4-3.7 here) against the stream bound measured in the same runs: 40 of 50 us, 152 of 160 us
+    assert s["stream_ratio"]["median"] == 3.8 and s["stream_fraction_sparse"]["median"] == pytest.approx(0.8)
+    assert "3.80x (3.80-3.80x) apart; the fused sparse forward at batch 1 takes 80% (80%-80%) of its p50" in text
+    assert "the fused dense twin 95% (95%-95%)" in text
+    missed = section(summarise({1: [_fake_run(3.3, 1.0, 1)] * 3}), {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3,
+                     tmp_path)
+    assert ("in the same strict alternation is 3.80x apart on this machine. The dense twin runs at 95% of its stream "
+            "time, the sparse model at 80%") in missed
+    no_stream = [{k: v for k, v in _fake_run(3.3, 1.0, 1).items() if k != "stream"}] * 3
+    assert "bounded by the stored-weight ratio (4.00x)" in section(summarise({1: no_stream}), {"cpu": "X", "cores": 2},
+                                                                   describe(), [], "cmd", 3, tmp_path)
     assert "bf16 alone (fused-bf16 sparse vs its own dense twin, the only bf16 dense model), batch 64: 3.60x" in text
     # a reduced-precision ratio over the target counts only where its models passed the accuracy gate
     s = summarise({1: [_fake_run(3.6, 1.0, 1, reduced=3.2)] * 3})

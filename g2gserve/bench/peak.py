@@ -5,6 +5,10 @@ CPU can do. ``model_macs`` counts the multiply-adds of one forward pass from the
 the stored, live weights of a sparse layer: the work the model needs, not the zero padding a kernel may
 add), and ``gemm_peak`` times large dense GEMMs (onnxruntime's MatMul, the fastest one we have on a
 CPU) on the same threads, so "fraction of peak" is measured in the same run, not taken from a datasheet.
+
+At batch 1 the multiply-adds are not what bounds a forward: every weight is read once, from beyond the L2
+cache, and the time is the weights' stream. ``stream_ceiling`` measures that bound for the benchmark's own
+access pattern, so a batch-1 ratio can be set against what reading the weights alone allows.
 """
 from __future__ import annotations
 
@@ -72,6 +76,53 @@ def _gemm(threads: int, seconds: float, size: int) -> dict:
         session.run(None, feeds)
         best, calls = min(best, time.perf_counter() - t), calls + 1
     return {"size": size, "threads": threads, "best_s": best, "gmacs": size ** 3 / best / 1e9}
+
+
+def stream_ceiling(sparse_bytes: int, dense_bytes: int, seconds: float = 1.0) -> dict:
+    """The time to read a buffer of the sparse model's weight bytes and one of the dense twin's (in the memory the
+    fused runtime keeps its weights in: huge pages from 2 MB, ``layout.aligned``), each summed once
+    per call in strict alternation (each read right after the other has gone through the caches, as g2g-bench's
+    strict A B A B runs the two models), medians on the calling thread. A batch-1 forward reads each of its weights
+    once, so these are what reading the weights alone takes (one sequential stream, next to no arithmetic: a
+    kernel that prefetches can beat it slightly, a forward's fixed costs come on top), and ``ratio`` (dense time
+    over sparse time) is what a purely stream-bound sparse model could gain on its twin under that alternation."""
+    import numba
+
+    from g2gserve.runtime.fused.layout import aligned  # the fused runtime's weight memory (huge pages from 2 MB)
+    read = _stream_sum(numba)
+    rng = np.random.default_rng(0)
+    a, b = (aligned(max(16, int(n) // 4), np.float32, 16) for n in (sparse_bytes, dense_bytes))
+    a[:], b[:] = rng.random(a.size, dtype=np.float32), rng.random(b.size, dtype=np.float32)
+    read(a), read(b)  # compile, first touch
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < 20 or time.perf_counter() - start < seconds:
+        for buffer, out in ((a, times[0]), (b, times[1])):
+            t = time.perf_counter()
+            read(buffer)
+            out.append(time.perf_counter() - t)
+    sparse_s, dense_s = float(np.median(times[0])), float(np.median(times[1]))
+    return {"sparse_bytes": a.nbytes, "dense_bytes": b.nbytes, "sparse_s": sparse_s, "dense_s": dense_s,
+            "sparse_gbs": a.nbytes / sparse_s / 1e9, "dense_gbs": b.nbytes / dense_s / 1e9,
+            "ratio": dense_s / sparse_s, "calls": len(times[0])}
+
+
+_SUM = None
+
+
+def _stream_sum(numba):
+    """A float32 sum that LLVM vectorises into several independent vector sums (fast-math): a read of the
+    buffer at the core's full load rate, its arithmetic far below what the stream takes."""
+    global _SUM
+    if _SUM is None:
+        @numba.njit(fastmath=True, nogil=True)
+        def total(x):
+            s = np.float32(0.0)
+            for i in range(x.size):
+                s += x[i]
+            return s
+        _SUM = total
+    return _SUM
 
 
 def gmacs(macs: int, seconds: float) -> float:
