@@ -132,12 +132,13 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     assert "reduced precision: best sparse vs best quantised dense, batch 64: missed; costs that do not shrink" in text
     # batch 1 (3.4-3.7 here) against the stream bound measured in the same runs: 40 of 50 us, 152 of 160 us
     assert s["stream_ratio"]["median"] == 3.8 and s["stream_fraction_sparse"]["median"] == pytest.approx(0.8)
-    assert "3.80x (3.80-3.80x) apart; the fused sparse forward at batch 1 takes 80% (80%-80%) of its p50" in text
-    assert "the fused dense twin 95% (95%-95%)" in text
+    assert ("3.80x (3.80-3.80x) apart. That read is 80% (80%-80%) of the fused sparse forward's batch-1 p50 and "
+            "95% (95%-95%) of the fused dense twin's") in text
+    assert s["stream_extra_sparse_us"]["median"] == pytest.approx(10.0)
     missed = section(summarise({1: [_fake_run(3.3, 1.0, 1)] * 3}), {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3,
                      tmp_path)
-    assert ("in the same strict alternation is 3.80x apart on this machine. The dense twin runs at 95% of its stream "
-            "time, the sparse model at 80%") in missed
+    assert ("in the same strict alternation is 3.80x apart on this machine. The sparse forward takes 10.0 us more "
+            "than reading its weights alone (their read is 80% of its time), the dense twin 8.0 us more (95%)") in missed
     no_stream = [{k: v for k, v in _fake_run(3.3, 1.0, 1).items() if k != "stream"}] * 3
     assert "bounded by the stored-weight ratio (4.00x)" in section(summarise({1: no_stream}), {"cpu": "X", "cores": 2},
                                                                    describe(), [], "cmd", 3, tmp_path)
