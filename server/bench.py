@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None and not args.no_peak and args.device == "cpu":
             result["peak"] = gemm_peak(args.threads)
             sizes = result.get("sizes", {})
-            if "stored_weight_bytes" in sizes:  # the batch-1 bound: the weights' stream (one thread)
+            if "stored_weight_bytes" in sizes and args.threads == 1:  # the batch-1 bound: the weights' stream
                 result["stream"] = stream_ceiling(sizes["stored_weight_bytes"], sizes["dense_weight_bytes"])
         if args.sweep and args.device == "cpu":
             result["sweep"] = sweep(args.batch_sizes, args.threads, args.seconds, args.device)
