@@ -186,10 +186,11 @@ def _checkpoint(tmp_path, **kw):
 
 @pytest.mark.parametrize("variant", ["sparse", "dense"])
 def test_triton_backend_matches_pytorch(tmp_path, variant):
-    model, path = _checkpoint(tmp_path, granularity="block", block_size=16)
+    model, path = _checkpoint(tmp_path, granularity="block", block_size=16, conv_channels=16)
     packed = pack_model(model)
     net = densify(packed) if variant == "dense" else packed
     assert TritonModule(net).kernel_layers == (2 if variant == "sparse" else 0)
+    assert TritonModule(net).fused_encoder and TritonModule(net).casts_input  # 1 x 7 x 7 patches, 16 channels
     m = load(path, backend="triton", device=DEVICE.type, variant=variant)
     for batch in (1, 7, 64):
         x = torch.rand(batch, 1, 28, 28)
@@ -200,8 +201,66 @@ def test_triton_backend_matches_pytorch(tmp_path, variant):
     assert probs.dtype == torch.float32 and (probs - torch.softmax(model(x), 1)).abs().max().item() < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("c,size,p,ch,n", [(1, 28, 7, 32, 1), (1, 28, 7, 16, 37), (3, 32, 8, 16, 5),
+                                           (3, 32, 4, 64, 70)])
+def test_encoder_kernel_matches_the_reference(dtype, c, size, p, ch, n):
+    """The fused patch encoder (image in place, float32 input cast in registers) against formats.encoder.encode:
+    grey and RGB, 49 and 192 values per patch (padded to 64 / 256), one and several blocks of images."""
+    from g2gserve.formats import encoder
+    from g2gserve.runtime.triton_encoder import patch_encode
+    gen = torch.Generator().manual_seed(c * size + ch)
+    x = torch.randn(n, c, size, size, generator=gen)
+    conv_w, conv_b = torch.randn(ch, c, p, p, generator=gen) / p, torch.randn(ch, generator=gen)
+    w = torch.from_numpy(encoder.weight_matrix(conv_w.numpy())).to(dtype)
+    b = conv_b.to(dtype)
+    # the reference on the inputs and weights the kernel sees: rounded to dtype, products and sums in fp32
+    ref = torch.from_numpy(encoder.encode(x.to(dtype).float().numpy(), conv_w.to(dtype).float().numpy(),
+                                          b.float().numpy()))
+    y = patch_encode(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), p)
+    assert y.dtype == dtype and y.shape == (n, (size // p) ** 2 * ch)
+    assert (y.float().cpu() - ref).abs().max().item() <= TOL[dtype] * ref.abs().max().item()
+
+
+def test_encoder_kernel_refuses_what_it_cannot_run():
+    from g2gserve.runtime.triton_encoder import patch_encode, supports
+    assert supports(49, 32) and supports(192, 16) and not supports(49, 24) and not supports(49, 8)
+    assert not supports(300, 32)
+    x, w, b = torch.zeros(2, 1, 28, 28), torch.zeros(49, 32), torch.zeros(32)
+    with pytest.raises(ValueError, match="square"):
+        patch_encode(torch.zeros(2, 1, 28, 27), w, b, 7)
+    with pytest.raises(ValueError, match="do not fit"):
+        patch_encode(x, torch.zeros(48, 32), b, 7)
+    with pytest.raises(ValueError, match="power-of-two channel count"):
+        patch_encode(x, torch.zeros(49, 24), torch.zeros(24), 7)
+    with pytest.raises(ValueError, match="must share"):
+        patch_encode(x, w.half(), b, 7)
+    assert patch_encode(torch.zeros(0, 1, 28, 28), w, b, 7).shape == (0, 16 * 32)
+
+
+def test_cast_runner_leaves_the_input_to_a_module_that_casts_it_itself():
+    from g2gserve.runtime.precision import cast_runner
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, casts_input):
+            super().__init__()
+            self.casts_input = casts_input
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            seen.append(x.dtype)
+            return x.to(self.w.dtype) * self.w
+
+    x = torch.rand(2, 3)
+    assert cast_runner(Probe(False), "bf16")(x).dtype == torch.float32
+    assert cast_runner(Probe(True), "bf16")(x).dtype == torch.float32
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_block_sizes_the_kernel_cannot_take_stay_on_torch(tmp_path):
     model, path = _checkpoint(tmp_path, granularity="block", block_size=8)
+    assert not TritonModule(pack_model(model)).fused_encoder  # 8 channels: the torch encoder, input cast first
     m = load(path, backend="triton", device=DEVICE.type)
     x = torch.rand(5, 1, 28, 28)
     assert (m.logits(x).cpu() - model(x)).abs().max().item() < 1e-4
@@ -271,7 +330,9 @@ def test_gpu_benchmark_rows_and_table(monkeypatch):
     assert [(r["dtype"], r["batch"]) for r in rows] == [("bf16", 1), ("bf16", 17)]
     assert [gpu.target(n) for n in (1, 255, 256, 4095, 4096, 65536)] == [1.0, 1.0, 1.5, 1.5, 2.5, 2.5]
     for r in rows:
-        assert r["speedup"] == pytest.approx(r["p50_ms"]["dense"] / r["p50_ms"][r["best_sparse"]])
+        dense = min(r["p50_ms"]["dense"], r["p50_ms"]["triton dense"])  # the best dense twin
+        assert r["speedup"] == pytest.approx(dense / r["p50_ms"][r["best_sparse"]])
+        assert r["p50_ms"][r["best_dense"]] == dense
     assert len(profiles) == 2 * sum(not r["met"] for r in rows)  # best sparse and dense, for every missed target
     assert all(p.get("error") or p["kernels"] for p in profiles)
     machine = {"gpu": None, "cpu": "x", "cores": 2, "torch": "t"}
@@ -337,6 +398,13 @@ def test_kernel_compiles_for_hopper_on_the_tensor_cores_without_spills():
         pytest.skip(f"this Triton cannot compile ahead of time here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
+    encoder = [r for r in rows if r["kernel"] == "encoder"]  # the patch encoder: one dot per program, no loop
+    assert {(r["dtype"], r["block_n"]) for r in encoder} == {(d, n) for d in ("fp32", "tf32", "bf16", "fp16")
+                                                             for n in (16, 64)}
+    assert all(r["tensor_cores"] == (r["dtype"] != "fp32") and not r["spills"] for r in encoder), encoder
+    assert all(r["wgmma"] == "m64n32k" + ("8" if r["dtype"] == "tf32" else "16")
+               for r in encoder if r["dtype"] != "fp32" and r["block_n"] == 64), encoder
+    rows = [r for r in rows if r["kernel"] == "block"]
     measured = {d: (triton_kernel.tuned_launch(d) or {}).get("block_n", 128) for d in ("fp32", "tf32", "bf16", "fp16")}
     assert {(r["dtype"], r["block_n"], r["swap"]) for r in rows} == (
         {(d, n, False) for d in measured for n in (16, 128, measured[d])} | {(d, 256, True) for d in measured})

@@ -6,7 +6,8 @@
 The torch backend executes the compact formats directly (block gather + bmm, CSR) on CPU or CUDA;
 the onnxruntime backend runs ``model.onnx``; the fused backend runs the whole network as one compiled
 CPU function over the live tiles (numba; ``threads`` share its panels; dtype "bf16" / "int8" opt-in); the
-triton backend is the torch one with its block layers in one fused Triton kernel each (CUDA). ``variant="dense"``
+triton backend is the torch one with its block layers in one fused Triton kernel each and its patch encoder in
+another (CUDA). ``variant="dense"``
 loads the dense twin of the same function (``dense.onnx`` / dense tensors) for side-by-side comparisons. The
 torch and triton backends take a precision (``dtype``, see ``runtime.precision``) and, on CUDA with
 ``max_batch``, replay CUDA graphs per batch bucket.

@@ -81,15 +81,18 @@ def matmul_precision(dtype: str) -> Iterator[None]:
 
 
 def cast_runner(module: "nn.Module", dtype: str) -> Callable[["torch.Tensor"], "torch.Tensor"]:
-    """``module`` (already on its device) converted to ``dtype`` in place: float32 input in, float32 logits out."""
+    """``module`` (already on its device) converted to ``dtype`` in place: float32 input in, float32 logits out.
+    A module with ``casts_input`` set converts its float32 input itself (the triton backend's encoder, in
+    registers), so it is given the input as it is."""
     import torch
     compute = torch_dtype(dtype)
     module = module.to(compute)
+    cast = not getattr(module, "casts_input", False)
 
     @torch.inference_mode()
     def run(x: "torch.Tensor") -> "torch.Tensor":
         with matmul_precision(dtype):
-            return module(x.to(compute)).float()
+            return module(x.to(compute) if cast else x.float()).float()
     return run
 
 

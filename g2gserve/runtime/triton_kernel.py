@@ -204,7 +204,8 @@ def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: in
 
 def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
     """For every precision, the smallest rows per program, the default largest and the measured one, and the
-    swapped tile at 256 rows and 4 warps: does the kernel compile, which MMA it issues (``mma``: the tensor
+    swapped tile at 256 rows and 4 warps (``kernel`` "block"), and the patch encoder's kernel at 16 and 64 images
+    per program (``kernel`` "encoder"): does the kernel compile, which MMA it issues (``mma``: the tensor
     cores; ``wgmma``: Hopper's, with its shape, e.g. m64n256k16), are its loads asynchronous and pipelined
     (``cp.async``), does it spill registers to local memory, how much shared memory."""
     rows = []
@@ -214,12 +215,22 @@ def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
         variants.append((256, True, {"block_n": 256, "warps": 4, "stages": 3}))
         for block_n, swap, launch in variants:
             compiled = compile_for(capability, dtype, k, b, block_n, tf32, swap, launch)
-            ptx = compiled.asm["ptx"]
-            shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
-            rows.append({"dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n, "swap": swap,
-                         "tensor_cores": "mma" in ptx, "wgmma": ",".join(shapes), "async_loads": "cp.async" in ptx,
-                         "spills": "ld.local" in ptx, "shared_bytes": compiled.metadata.shared})
+            rows.append({"kernel": "block", "dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
+                         "swap": swap, **_ptx_facts(compiled)})
+    from g2gserve.runtime import triton_encoder  # imports this module: not at the top
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+        for block_n in (MIN_TILE, triton_encoder.MAX_ROWS):
+            compiled = triton_encoder.compile_for(capability, dtype, block_n, allow_tf32=tf32)
+            rows.append({"kernel": "encoder", "dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype],
+                         "block_n": block_n, "swap": False, **_ptx_facts(compiled)})
     return rows
+
+
+def _ptx_facts(compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    return {"tensor_cores": "mma" in ptx, "wgmma": ",".join(shapes), "async_loads": "cp.async" in ptx,
+            "spills": "ld.local" in ptx, "shared_bytes": compiled.metadata.shared}
 
 
 if __name__ == "__main__":
