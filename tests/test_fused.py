@@ -155,10 +155,7 @@ def test_every_variant_this_cpu_runs_matches_pytorch(isa, precision):
     if not supported(isa, precision):
         if precision != "fp32":
             pytest.skip(f"{precision} needs AVX512-BF16 / AVX512-VNNI, which this CPU lacks")
-        forward = compiled(isa, precision, False)
-        net = FusedNet(pack_model(_model(granularity="block"), "auto"), isa=host_isa())
-        forward.compile(tuple(numba.typeof(a) for a in (np.zeros((1, int(np.prod(net.input_shape))), np.float32),
-                                                          net.weights, net.biases, net.tiles, net.meta, 1)))
+        assert len(compiled(isa, precision, False).signatures) == 1  # compiled for its one signature
         return
     bound = 1e-4 if precision == "fp32" else None  # bf16 (8-bit mantissa), int8: relative to the logits
     for kw in (dict(granularity="block"), dict(kind="dense-params"), PAIRED_64):
@@ -194,7 +191,7 @@ def test_shared_work_finishes_when_one_thread_runs_every_part():
     x = np.random.default_rng(0).standard_normal((7, *one.input_shape)).astype(np.float32)
     numba.set_num_threads(1)
     try:  # the parallel forward, told of 2 parts, on a pool of 1 thread: part 0 claims everything
-        logits = two._forward(x.reshape(7, -1), two.weights, two.biases, two.tiles, two.meta, 2)
+        logits = two._forward(x, two.weights, two.biases, two.tiles, two.meta, 2)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert np.array_equal(logits, one(x))
@@ -245,8 +242,9 @@ def test_dense_layers_are_panels_over_one_input_tile_spanning_all_inputs():
 
 def test_bad_input_is_refused():
     net = FusedNet(pack_model(_model(granularity="block"), "auto"))
-    with pytest.raises(ValueError, match=r"expected input \(N, 1, 28, 28\)"):
-        net(np.zeros((2, 3, 28, 28), np.float32))
+    for shape in ((2, 3, 28, 28), (2, 1, 28, 21), (2, 1, 21, 28), (2, 4, 14, 14), (2, 784)):  # 4x14x14: 784 values
+        with pytest.raises(ValueError, match=r"expected input \(N, 1, 28, 28\)"):
+            net(np.zeros(shape, np.float32))
     packed = pack_model(_model(granularity="block"), "auto")
     with pytest.raises(ValueError, match="threads must be 1.."):
         FusedNet(packed, threads=10_000)
@@ -255,6 +253,27 @@ def test_bad_input_is_refused():
     if not supported(host_isa(), "bf16"):
         with pytest.raises(ValueError, match="AVX512-BF16"):
             FusedNet(packed, precision="bf16")
+
+
+def test_any_array_like_input_gives_the_same_logits_without_compiling_again():
+    """The fast path takes (N, C, H, W) C-contiguous float32 arrays as they are; anything else (float64, strided,
+    read-only, misaligned, lists, no rows) goes through the careful path, and the forward keeps its one compiled
+    signature (no compile on a request)."""
+    model = _model(granularity="block")
+    net = FusedNet(pack_model(model, "auto"))
+    x = np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    ref = net(x)
+    assert np.allclose(ref, model(torch.from_numpy(x)).detach().numpy(), atol=1e-4)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    misaligned = np.ndarray(x.shape, np.float32, np.zeros(x.nbytes + 4, np.uint8).data, 1)  # one byte off
+    misaligned[...] = x
+    wide = np.zeros((5, 1, 28, 56), np.float32)
+    wide[..., ::2] = x
+    for same in (x.astype(np.float64), wide[..., ::2], frozen, misaligned, x.tolist()):
+        assert np.array_equal(net(same), ref)
+    assert net(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 10)
+    assert len(net._forward.signatures) == 1
 
 
 def test_runs_on_cpu_only(tmp_path):

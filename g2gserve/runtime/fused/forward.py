@@ -325,7 +325,8 @@ def _share(x, weights, biases, tiles, meta, scratch, offsets, jobs, counters, co
 
 @functools.lru_cache(maxsize=None)
 def compiled(isa_name: str, precision: str, parallel: bool):
-    """The forward function of one micro-kernel variant: (x, weights, biases, tiles, meta, threads) -> logits.
+    """The forward function of one micro-kernel variant: (x, weights, biases, tiles, meta, threads) -> logits, x the
+    (N, C, H, W) images (a ValueError where C, H, W are not the model's), compiled now for its one ``signature``.
 
     A closure per variant, so every variant can be compiled and tested in one process. It captures only
     plain constants (numba's disk cache keys a closure on them; a captured function would have a
@@ -345,7 +346,14 @@ def compiled(isa_name: str, precision: str, parallel: bool):
     wide_pair_rows = isa.wide_pair_rows
     bf16, int8 = precision == "bf16", precision == "int8"
 
-    def forward(x, weights, biases, tiles, meta, threads):
+    def forward(x4, weights, biases, tiles, meta, threads):
+        # the encoder's row of meta knows the image: k = C*p input tiles of t_in = p pixels, patches_across = W/p
+        p, across = meta[0, 5], meta[0, 15]
+        if x4.shape[1] * p != meta[0, 4] or x4.shape[2] != meta[0, 3] // across * p or x4.shape[3] != across * p:
+            raise ValueError("fused: the input is not (N, C, H, W) of the model's image shape")
+        if x4.shape[0] == 0:  # no rows: nothing to plan
+            return np.zeros((0, meta[meta.shape[0] - 1, 7]), np.float32)
+        x = x4.reshape(x4.shape[0], x4.shape[1] * x4.shape[2] * x4.shape[3])  # one flattened image per row
         if not parallel:
             return _layers(x, weights, biases, tiles, meta, code, code_fp32, code_narrow, code_pair, code_wide,
                            code_wide_pair, max_rows, wide_pair_rows, bf16, int8)
@@ -361,5 +369,15 @@ def compiled(isa_name: str, precision: str, parallel: bool):
     # the qualified name, and variants sharing one loaded each other's constants from the disk cache.
     forward.__name__ = f"forward_{isa_name}_{precision}_{'parallel' if parallel else 'serial'}"
     forward.__qualname__ = f"compiled.<locals>.{forward.__name__}"
-    return njit(parallel=parallel)(forward)
+    return njit(signature(precision), parallel=parallel)(forward)
+
+
+def signature(precision: str) -> list[tuple]:
+    """The one signature a forward is compiled for: (N, C, H, W) C-contiguous float32 images, the weight buffer
+    (float32, bf16 bits or int8), biases, tiles, meta, threads. Explicit, so numba compiles it once (at load) and
+    refuses any other argument types at once with a TypeError (``FusedNet.__call__`` then converts the input),
+    instead of compiling another specialisation on a request; and the call costs no type-dispatch beyond that."""
+    weights = {"fp32": types.float32, "bf16": types.uint16, "int8": types.int8}[precision]
+    return [(types.Array(types.float32, 4, "C"), types.Array(weights, 1, "C"), types.Array(types.float32, 1, "C"),
+             types.Array(types.int64, 1, "C"), types.Array(types.int64, 2, "C"), types.int64)]
 
