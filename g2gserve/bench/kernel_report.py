@@ -4,7 +4,7 @@ median and range, the dense-GEMM peak, the reduced-precision accuracy gate, and 
     python -m g2gserve.bench.kernel_report runs/demo/export --data-dir /usr/share/datasets/fashion-mnist
 
 Each run is its own ``g2g-bench`` process (``python -m server.bench``, batch 1 and 64, every backend plus
-the reduced-precision ones, no memory probes), at 1 thread and at 2; the raw outputs stay under ``--out``
+the reduced-precision ones, no memory probes), at 1 thread and at 2 in turns; the raw outputs stay under ``--out``
 and the section between the markers below in ``--doc`` is replaced (or appended) atomically.
 """
 from __future__ import annotations
@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(args.runs)] for t in args.threads}
         accuracy = json.loads((args.out / "summary.json").read_text())["accuracy"]
     else:
-        runs = {t: [_run_bench(args.model, args.out / f"threads-{t}" / f"run-{i + 1}", t, args.seconds, backends,
-                               args.data_dir)
-                    for i in range(args.runs)] for t in args.threads}
+        runs = {t: [] for t in args.threads}
+        for i in range(args.runs):  # thread counts in turns, so a noisy patch of the machine hits both alike
+            for t in args.threads:
+                runs[t].append(_run_bench(args.model, args.out / f"threads-{t}" / f"run-{i + 1}", t, args.seconds,
+                                          backends, args.data_dir))
         manifest = open_bundle(args.model, onnx_graphs=False).manifest.to_dict()
         test = load_split(manifest["dataset"], "test", args.data_dir, download=False)
         accuracy = precision_gate(args.model, np.asarray(test.x)[:args.limit], np.asarray(test.y)[:args.limit],
