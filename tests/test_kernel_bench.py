@@ -138,7 +138,7 @@ def test_report_takes_median_and_range_and_says_what_is_missed(tmp_path):
     missed = section(summarise({1: [_fake_run(3.3, 1.0, 1)] * 3}), {"cpu": "X", "cores": 2}, describe(), [], "cmd", 3,
                      tmp_path)
     assert ("in the same strict alternation is 3.80x apart on this machine. The sparse forward takes 10.0 us more "
-            "than reading its weights alone (their read is 80% of its time), the dense twin 8.0 us more (95%)") in missed
+            "than reading its weights alone (their read is 80% of its time), the dense twin 8.0 us more (95%;") in missed
     no_stream = [{k: v for k, v in _fake_run(3.3, 1.0, 1).items() if k != "stream"}] * 3
     assert "bounded by the stored-weight ratio (4.00x)" in section(summarise({1: no_stream}), {"cpu": "X", "cores": 2},
                                                                    describe(), [], "cmd", 3, tmp_path)

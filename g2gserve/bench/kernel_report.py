@@ -87,10 +87,10 @@ WHY_MISSED = {  # {weight_ratio}: the dense twin's stored weight bytes over the 
                    "bytes alone in the same strict alternation is {stream_ratio_m:.2f}x apart on this machine. The "
                    "sparse forward takes {stream_extra_sparse_us_m:.1f} us more than reading its weights alone "
                    "(their read is {stream_fraction_sparse_m:.0%} of its time), the dense twin "
-                   "{stream_extra_dense_us_m:.1f} us more ({stream_fraction_dense_m:.0%}): what does not shrink with "
-                   "the density (the Python call and numba's dispatch, the encoder and the head, each call's start) "
-                   "weighs four times as much against the sparse forward; the dense forward pays the same costs, "
-                   "so its kernel must read its long streams faster than the plain read does, hiding them",
+                   "{stream_extra_dense_us_m:.1f} us more ({stream_fraction_dense_m:.0%}; medians of runs, the read "
+                   "timed after each run's benchmark): what does not shrink with the density (the Python call and "
+                   "numba's dispatch, the encoder and the head, each call's start) weighs four times as much against "
+                   "the sparse forward's time as against its twin's",
     "fp32_batch1_no_stream": "at batch 1 every weight is read once, from beyond the L2 cache, so the time is mostly "
                              "the weights' stream and the ratio is bounded by the stored-weight ratio "
                              "({weight_ratio:.2f}x), less what does not shrink with the density (the Python call and "
