@@ -74,7 +74,7 @@ serve-bench: install
 	@command -v wrk > /dev/null || { echo "serve-bench needs wrk: sudo apt-get install -y wrk"; exit 2; }
 	$(PY) -m server.servebench $(MODEL) --seconds $(SERVE_SECONDS) --out docs
 
-# The GPU check, for a machine with a GPU, in one script (.ci/gpu-check, step limits 13 minutes in all): the CUDA
+# The GPU check, for a machine with a GPU, in one script (.ci/gpu-check, step limits 14 minutes in all): the CUDA
 # tests (Triton kernel parity compiled on the GPU, CUDA graphs, precisions), real Fashion-MNIST training on CUDA and
 # its export, the precision gate (fp32/tf32/bf16/fp16 on the real test set), the Triton kernel's launch settings
 # measured, g2g-bench --device cuda (best sparse vs best dense per precision, CUDA graphs, hidden 1024/4096/8192)
