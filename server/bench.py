@@ -72,14 +72,11 @@ def _throughput_lines(result: dict) -> list[str]:
     return lines
 
 
-FP32_CPU = ("torch", "onnxruntime", "fused")  # the backends that read the stored float32 weights as they are
-
-
 def _stream_lines(result: dict) -> list[str]:
     """At batch 1, on one thread: each fp32 backend's forward against the time reading its weights alone takes
     (``stream_ceiling``, measured in the same run in the same strict alternation)."""
     st = result.get("stream")
-    rows = [r for r in result["runs"] if r["batch"] == 1 and r["backend"] in FP32_CPU]
+    rows = [r for r in result["runs"] if r["batch"] == 1 and r["precision"] == "fp32"]  # weights as stored
     if not st or not rows or result.get("threads", 1) != 1:
         return []
     lines = ["", f"Weights' stream at batch 1 (every weight is read once per forward): reading a buffer of the sparse "

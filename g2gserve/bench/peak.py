@@ -12,6 +12,7 @@ access pattern, so a batch-1 ratio can be set against what reading the weights a
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -86,10 +87,8 @@ def stream_ceiling(sparse_bytes: int, dense_bytes: int, seconds: float = 1.0) ->
     once, so these are what reading the weights alone takes (one sequential stream, next to no arithmetic: a
     kernel that prefetches can beat it slightly, a forward's fixed costs come on top), and ``ratio`` (dense time
     over sparse time) is what a purely stream-bound sparse model could gain on its twin under that alternation."""
-    import numba
-
     from g2gserve.runtime.fused.layout import aligned  # the fused runtime's weight memory (huge pages from 2 MB)
-    read = _stream_sum(numba)
+    read = _stream_sum()
     rng = np.random.default_rng(0)
     a, b = (aligned(max(16, int(n) // 4), np.float32, 16) for n in (sparse_bytes, dense_bytes))
     a[:], b[:] = rng.random(a.size, dtype=np.float32), rng.random(b.size, dtype=np.float32)
@@ -107,22 +106,20 @@ def stream_ceiling(sparse_bytes: int, dense_bytes: int, seconds: float = 1.0) ->
             "ratio": dense_s / sparse_s, "calls": len(times[0])}
 
 
-_SUM = None
-
-
-def _stream_sum(numba):
+@functools.lru_cache(maxsize=None)
+def _stream_sum():
     """A float32 sum that LLVM vectorises into several independent vector sums (fast-math): a read of the
-    buffer at the core's full load rate, its arithmetic far below what the stream takes."""
-    global _SUM
-    if _SUM is None:
-        @numba.njit(fastmath=True, nogil=True)
-        def total(x):
-            s = np.float32(0.0)
-            for i in range(x.size):
-                s += x[i]
-            return s
-        _SUM = total
-    return _SUM
+    buffer at the core's full load rate, its arithmetic far below what the stream takes. Compiled on first use
+    (numba is imported only here: g2g-bench's other paths do not need it)."""
+    import numba
+
+    @numba.njit(fastmath=True, nogil=True)
+    def total(x):
+        s = np.float32(0.0)
+        for i in range(x.size):
+            s += x[i]
+        return s
+    return total
 
 
 def gmacs(macs: int, seconds: float) -> float:

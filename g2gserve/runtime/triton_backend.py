@@ -61,7 +61,7 @@ class TritonModule(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_encoder:
             return patch_encode(x, self.base.enc_weight, self.base.enc_bias, self.base.patch, allows_tf32())
-        return self.base.encode(x.to(self.base.enc_weight.dtype))
+        return self.base.encode(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encode(x)

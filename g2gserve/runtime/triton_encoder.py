@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from g2gserve.runtime.triton_kernel import DTYPES, INTERPRETED, MIN_TILE, SIGNATURE_DTYPES
+from g2gserve.runtime.triton_kernel import DTYPES, INTERPRETED, MIN_TILE, SIGNATURE_DTYPES, aot_compile
 
 MAX_PATCH_VALUES = 256  # C*p*p padded to a power of two: one dot per patch and block of images (RGB 8x8: 192)
 MAX_ROWS = 64  # images per program
@@ -93,11 +93,8 @@ def patch_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patc
 
 def compile_for(capability: int, dtype: torch.dtype, block_n: int = MAX_ROWS, channels: int = 32, size: int = 28,
                 patch: int = 7, in_channels: int = 1, allow_tf32: bool = False):
-    """Compile the kernel ahead of time for an NVIDIA GPU of compute ``capability`` (the default shape: the
-    Fashion-MNIST G2GNet's encoder), with float32 images in; no GPU needed."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """The kernel compiled ahead of time (``triton_kernel.aot_compile``) for float32 images in; the default shape is
+    the Fashion-MNIST G2GNet's encoder."""
     t = SIGNATURE_DTYPES[dtype]
     q = in_channels * patch * patch
     signature = {"x_ptr": "*fp32", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "y_ptr": f"*{t}", "n_rows": "i32",
@@ -105,9 +102,6 @@ def compile_for(capability: int, dtype: torch.dtype, block_n: int = MAX_ROWS, ch
     constants = {"HW": size * size, "WIDTH": size, "P": patch, "GRID": size // patch, "CH": channels, "Q": q,
                  "QP": triton.next_power_of_2(q), "BLOCK_N": block_n,
                  "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False}
-    signature |= {name: "constexpr" for name in constants}
     # pointers 16-byte aligned and row strides multiples of 16 elements, as the JIT specialises them on launch
-    attrs = {(_patch_encoder_kernel.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "stride_x", "stride_y")}
-    source = ASTSource(fn=_patch_encoder_kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 1})
+    aligned = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "stride_x", "stride_y")
+    return aot_compile(_patch_encoder_kernel, signature, constants, aligned, capability, warps=4, stages=1)

@@ -177,29 +177,38 @@ SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16
 # that are multiples of the tile): the ahead-of-time compile assumes the same, or it would show narrow,
 # unpipelined loads that the GPU never runs.
 ALIGNED_ARGS = ("x_ptr", "w_ptr", "idx_ptr", "bias_ptr", "y_ptr", "stride_x", "stride_y")
+# (dtype, allow_tf32) of every precision the kernels run: fp32, tf32, bf16, fp16
+PRECISIONS = ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False))
 
 
-def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False,
-                swap: bool = False, launch: dict | None = None):
-    """Compile the kernel ahead of time for an NVIDIA GPU of compute ``capability`` (90: H100/H200), no GPU
-    needed (Triton ships ptxas): catches what only the GPU compiler refuses, and shows the instructions."""
+def aot_compile(kernel, signature: dict, constants: dict, aligned: tuple[str, ...], capability: int, warps: int,
+                stages: int):
+    """Compile a Triton ``kernel`` ahead of time for an NVIDIA GPU of compute ``capability`` (90: H100/H200), no
+    GPU needed (Triton ships ptxas), with the ``aligned`` arguments specialised as multiples of 16 as the JIT
+    does: catches what only the GPU compiler refuses, and shows the instructions."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if INTERPRETED:
         raise RuntimeError("ahead-of-time compilation needs the compiled kernel: unset TRITON_INTERPRET")
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    source = ASTSource(fn=kernel, signature=signature | {name: "constexpr" for name in constants},
+                       constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_for(capability: int, dtype: torch.dtype, k: int, b: int, block_n: int, allow_tf32: bool = False,
+                swap: bool = False, launch: dict | None = None):
+    """The block-sparse kernel compiled ahead of time (``aot_compile``) at the launch setting it would run with."""
     t = SIGNATURE_DTYPES[dtype]
     signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "idx_ptr": "*i32", "bias_ptr": f"*{t}", "y_ptr": f"*{t}",
                  "n_rows": "i32", "n_tiles": "i32", "stride_x": "i32", "stride_y": "i32"}
     constants = {"K": k, "B": b, "BLOCK_N": block_n, "GROUP": GROUP, "RELU": True,
                  "PRECISION": "tf32" if allow_tf32 and dtype == torch.float32 else "ieee", "UPCAST": False,
                  "SWAP": swap}
-    signature |= {name: "constexpr" for name in constants}
-    attrs = {(_block_sparse_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED_ARGS}
     warps, stages = program_settings(block_n, b, launch or tuned_launch(precision_name(dtype, allow_tf32)))
-    source = ASTSource(fn=_block_sparse_kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    return aot_compile(_block_sparse_kernel, signature, constants, ALIGNED_ARGS, capability, warps, stages)
 
 
 def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
@@ -209,7 +218,7 @@ def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
     cores; ``wgmma``: Hopper's, with its shape, e.g. m64n256k16), are its loads asynchronous and pipelined
     (``cp.async``), does it spill registers to local memory, how much shared memory."""
     rows = []
-    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+    for dtype, tf32 in PRECISIONS:
         tuned = tuned_launch(precision_name(dtype, tf32))
         variants = [(n, False, None) for n in sorted({MIN_TILE, MAX_ROWS, tuned["block_n"] if tuned else MAX_ROWS})]
         variants.append((256, True, {"block_n": 256, "warps": 4, "stages": 3}))
@@ -218,7 +227,7 @@ def compile_report(capability: int = 90, b: int = 64, k: int = 4) -> list[dict]:
             rows.append({"kernel": "block", "dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype], "block_n": block_n,
                          "swap": swap, **_ptx_facts(compiled)})
     from g2gserve.runtime import triton_encoder  # imports this module: not at the top
-    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+    for dtype, tf32 in PRECISIONS:
         for block_n in (MIN_TILE, triton_encoder.MAX_ROWS):
             compiled = triton_encoder.compile_for(capability, dtype, block_n, allow_tf32=tf32)
             rows.append({"kernel": "encoder", "dtype": "tf32" if tf32 else SIGNATURE_DTYPES[dtype],
