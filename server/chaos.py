@@ -182,7 +182,8 @@ class Server:
         self.port = free_port()
         self.args = ["--threads", "1", "--no-calibrate", "--header-timeout", f"{HEADER_TIMEOUT_S:g}",
                      "--body-timeout", f"{BODY_TIMEOUT_S:g}", "--max-body-mb", f"{MAX_BODY_MB:g}", *extra]
-        token = ["--admin-token", admin_token] if admin_token else []
+        # one argument with '=': a random token may start with '-', which argparse would take for an option
+        token = [f"--admin-token={admin_token}"] if admin_token else []
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server
         self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", model, "--port", str(self.port),
                                       *self.args, *token], stdout=subprocess.DEVNULL, stderr=self.log)
